@@ -1,0 +1,1 @@
+"""Visual question answering service: ViLBERT and LXMERT over Faster R-CNN regions."""

@@ -1,0 +1,91 @@
+"""One interface for both backbones.
+
+A `Batch` is what every backbone reads, built by the single collate function in
+`service.data.collate`, so that what was trained is what is served. A
+`VisionLanguageModel` is what the runtime and the training loops call; ViLBERT and
+LXMERT both meet it. `build_backbone(kind, config)` rebuilds a model from the
+config dict stored in a manifest, with nothing else needed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class Batch:
+    """Token ids and region features for B (text, image) pairs.
+
+    Boxes are normalised to [0, 1] (x1/W, y1/H, x2/W, y2/H); each backbone derives its
+    own location encoding from them (ViLBERT's 5-d with area, LXMERT's 4-d box).
+    Padded positions have mask 0 and must not change any output.
+    """
+
+    input_ids: Tensor  # (B, T) long
+    attention_mask: Tensor  # (B, T) long, 1 = real token
+    token_type_ids: Tensor  # (B, T) long
+    region_features: Tensor  # (B, R, F) float
+    region_boxes: Tensor  # (B, R, 4) float in [0, 1]
+    region_mask: Tensor  # (B, R) long, 1 = real region
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> Batch:
+        """Move to a device; `dtype` casts the float tensors only."""
+        moved = {}
+        for f in fields(self):
+            t = getattr(self, f.name)
+            if dtype is not None and t.is_floating_point():
+                t = t.to(dtype)
+            moved[f.name] = t.to(device)
+        return replace(self, **moved)
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+
+@runtime_checkable
+class VisionLanguageModel(Protocol):
+    """What the service and the training loops call on a backbone.
+
+    Every method takes a `Batch` (or its text / image half) and returns raw logits or
+    embeddings; probabilities are the caller's business.
+    """
+
+    kind: str  # "vilbert" | "lxmert"
+
+    def answer(self, batch: Batch) -> Tensor:
+        """VQA logits over the answer vocabulary: (B, num_answers)."""
+
+    def match(self, batch: Batch) -> Tensor:
+        """Alignment logit that the text describes the image: (B,)."""
+
+    def ground(self, batch: Batch) -> Tensor:
+        """Per-region grounding logits, padded regions at -inf: (B, R)."""
+
+    def embed_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Single-modality text embedding, L2-normalised: (B, D)."""
+
+    def embed_image(self, region_features: Tensor, region_boxes: Tensor, region_mask: Tensor) -> Tensor:
+        """Single-modality image embedding, L2-normalised: (B, D)."""
+
+
+def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
+    """Mean over dim 1 of x (B, N, D) where mask (B, N) is 1; zero-safe."""
+    m = mask.to(x.dtype).unsqueeze(-1)
+    return (x * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+def build_backbone(kind: str, config: dict[str, Any]) -> nn.Module:
+    """Rebuild a backbone from a manifest's config dict alone."""
+    if kind == "vilbert":
+        from service.models.vilbert import ViLBertConfig, ViLBertModel
+
+        return ViLBertModel(ViLBertConfig(**config))
+    if kind == "lxmert":
+        from service.models.lxmert import LxmertBackbone, LxmertBackboneConfig
+
+        return LxmertBackbone(LxmertBackboneConfig(**config))
+    raise ValueError(f"unknown backbone kind {kind!r}; expected 'vilbert' or 'lxmert'")
