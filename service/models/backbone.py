@@ -63,7 +63,7 @@ class VisionLanguageModel(Protocol):
         """Alignment logit that the text describes the image: (B,)."""
 
     def ground(self, batch: Batch) -> Tensor:
-        """Per-region grounding logits, padded regions at -inf: (B, R)."""
+        """Per-region grounding logits, padded regions at the dtype's most negative value: (B, R)."""
 
     def embed_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Single-modality text embedding, L2-normalised: (B, D)."""

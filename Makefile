@@ -1,0 +1,38 @@
+# Two commands matter: `make serve` and `make test`. Both build .venv from nothing.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+
+.PHONY: serve test lint imports pytest clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+# Reinstall whenever pyproject.toml changes; the stamp records the extra installed.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --disable-pip-version-check -q -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --disable-pip-version-check -q -e '.[dev]'
+	touch $@ $(VENV)/.installed
+
+serve: $(VENV)/.installed
+	$(BIN)/vqa serve --host $(HOST) --port $(PORT)
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check service tests
+	$(BIN)/ruff format --check service tests
+
+imports: $(VENV)/.installed-dev
+	$(BIN)/lint-imports
+
+pytest: $(VENV)/.installed-dev
+	$(BIN)/pytest
+
+test: lint imports pytest
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache .import_linter_cache

@@ -1,0 +1,129 @@
+"""The `vqa` command: serve, data, train, eval, features, bench, store.
+
+Each subcommand parses its flags here and hands over to one function of the layer
+that owns the work; heavy imports happen inside the handlers so `vqa --help` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+class CliError(Exception):
+    """A user mistake on the command line: printed as one line, exit status 2."""
+
+
+def _data_shapes(args: argparse.Namespace) -> None:
+    import time
+
+    from service.data.shapes import write_split
+
+    start = time.perf_counter()
+    path = write_split(
+        args.out, args.split, args.n, size=args.size, seed=args.seed, noise=args.noise
+    )
+    print(f"wrote {args.n} {args.split} scenes to {path} in {time.perf_counter() - start:.1f} s")
+
+
+def _data_preview(args: argparse.Namespace) -> None:
+    from service.data.preview import draw_preview
+
+    data_dir = Path(args.data_dir)
+    if not data_dir.is_dir():
+        raise CliError(f"no such data folder: {data_dir}")
+    split = args.split or _first_split(data_dir)
+    out = draw_preview(data_dir, args.out, split=split, n=args.n)
+    print(f"wrote preview of {split} to {out}")
+
+
+def _first_split(data_dir: Path) -> str:
+    for split in ("train", "val", "test"):
+        if (data_dir / f"{split}.jsonl").exists():
+            return split
+    raise CliError(f"{data_dir} holds no train/val/test .jsonl; run `vqa data shapes` first")
+
+
+def _store_list(args: argparse.Namespace) -> None:
+    from service.store import ModelStore
+
+    for m in ModelStore(args.store).list():
+        metrics = json.dumps(m.metrics, sort_keys=True) if m.metrics else ""
+        print(f"{m.ref:32s} {m.kind:9s} detector={m.detector or '-':24s} {metrics}")
+
+
+def _store_verify(args: argparse.Namespace) -> None:
+    from service.store import ModelStore
+
+    store = ModelStore(args.store)
+    for m in store.list():
+        store.verify(m)
+        print(f"ok  {m.ref}")
+
+
+def _serve(args: argparse.Namespace) -> None:
+    try:
+        from service.app import run_server
+    except ImportError as exc:
+        raise CliError(f"the HTTP service is not built yet in this version ({exc})") from exc
+    run_server(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vqa", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the HTTP service")
+    serve.add_argument("--host", default=None)
+    serve.add_argument("--port", type=int, default=None)
+    serve.add_argument("--store", default=None, help="model store folder")
+    serve.add_argument("--data-dir", default=None, help="galleries and other state")
+    serve.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+    serve.add_argument("--models", nargs="*", default=None, help="names to load (default all)")
+    serve.add_argument("--max-batch-size", type=int, default=None)
+    serve.add_argument("--max-wait-ms", type=float, default=None)
+    serve.add_argument("--max-queue", type=int, default=None)
+    serve.add_argument("--timeout-s", type=float, default=None)
+    serve.set_defaults(func=_serve)
+
+    data = sub.add_parser("data", help="generate and inspect data sets")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    shapes = data_sub.add_parser("shapes", help="write a shapes-world split")
+    shapes.add_argument("--split", choices=["train", "val", "test"], default="train")
+    shapes.add_argument("--n", type=int, default=1000)
+    shapes.add_argument("--out", required=True)
+    shapes.add_argument("--size", type=int, default=128)
+    shapes.add_argument("--seed", type=int, default=0)
+    shapes.add_argument("--noise", type=float, default=0.0)
+    shapes.set_defaults(func=_data_shapes)
+    preview = data_sub.add_parser("preview", help="draw a grid of scenes with boxes")
+    preview.add_argument("data_dir")
+    preview.add_argument("--out", default="grid.png")
+    preview.add_argument("--split", default=None)
+    preview.add_argument("--n", type=int, default=16)
+    preview.set_defaults(func=_data_preview)
+
+    store = sub.add_parser("store", help="inspect the model store")
+    store.add_argument("--store", default="model_store")
+    store_sub = store.add_subparsers(dest="store_command", required=True)
+    store_sub.add_parser("list", help="list entries").set_defaults(func=_store_list)
+    store_sub.add_parser("verify", help="check sha256 of every file").set_defaults(
+        func=_store_verify
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except CliError as exc:
+        print(f"vqa: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
