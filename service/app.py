@@ -47,7 +47,9 @@ def _install_middleware(app: FastAPI, settings: Settings, engine: Engine) -> Non
         length = request.headers.get("content-length")
         if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
             response = error_response(
-                request, 413, "payload_too_large",
+                request,
+                413,
+                "payload_too_large",
                 f"the body exceeds the limit of {settings.max_body_bytes} bytes",
             )
         else:
@@ -63,6 +65,8 @@ def run_server(args) -> None:
     """Entry of `vqa serve`: flags override VQA_* environment variables."""
     import uvicorn
 
-    overrides = {k: v for k, v in vars(args).items() if v is not None and k not in ("func", "command")}
+    overrides = {
+        k: v for k, v in vars(args).items() if v is not None and k not in ("func", "command")
+    }
     settings = Settings(**overrides)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")

@@ -38,7 +38,9 @@ def require_api_key(request: Request, settings: SettingsDep) -> None:
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(token, settings.api_key):
         raise ApiError(
-            401, "unauthorized", "this call needs Authorization: Bearer <key>",
+            401,
+            "unauthorized",
+            "this call needs Authorization: Bearer <key>",
             headers={"WWW-Authenticate": "Bearer"},
         )
 
@@ -76,7 +78,8 @@ async def read_image_request(
     if ctype == "multipart/form-data":
         return await _multipart(request, params, list_field, form_name)
     raise ApiError(
-        415, "unsupported_media_type",
+        415,
+        "unsupported_media_type",
         f"content type {ctype or 'none'} is not accepted; send application/json or "
         "multipart/form-data",
     )
@@ -87,7 +90,8 @@ async def read_json(request: Request, model: type[P]) -> P:
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if ctype != "application/json":
         raise ApiError(
-            415, "unsupported_media_type",
+            415,
+            "unsupported_media_type",
             f"content type {ctype or 'none'} is not accepted; send application/json",
         )
     return validate(model, await _json(request))

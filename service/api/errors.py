@@ -7,6 +7,7 @@ One table maps each runtime error kind to its status; unexpected exceptions beco
 from __future__ import annotations
 
 import logging
+import math
 import uuid
 
 from fastapi import FastAPI, Request
@@ -34,8 +35,13 @@ STATUS = [
     (rt.Conflict, 409, "conflict"),
     (rt.QueueFull, 503, "queue_full"),
     (rt.Unavailable, 503, "unavailable"),
+    (rt.BatcherClosed, 503, "unavailable"),
     (rt.RequestTimeout, 504, "timeout"),
 ]
+
+
+def _retry_after(exc: Exception) -> str:
+    return str(max(1, math.ceil(getattr(exc, "retry_after_s", 1.0))))
 
 
 def request_id(request: Request) -> str:
@@ -78,10 +84,11 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(rt.BadImage)
     @app.exception_handler(rt.QueueFull)
     @app.exception_handler(rt.RequestTimeout)
+    @app.exception_handler(rt.BatcherClosed)
     async def _runtime(request: Request, exc: Exception):
         for kind, status, code in STATUS:
             if isinstance(exc, kind):
-                headers = {"Retry-After": "1"} if status == 503 else None
+                headers = {"Retry-After": _retry_after(exc)} if status == 503 else None
                 return error_response(request, status, code, str(exc) or code, headers)
         return await _unexpected(request, exc)
 

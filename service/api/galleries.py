@@ -42,8 +42,10 @@ async def delete_gallery(name: GalleryName, engine: EngineDep) -> Response:
 @router.post("/{name}/images", response_model=GalleryAdded, dependencies=[ApiKey])
 async def add_images(name: GalleryName, body: GalleryAdd, engine: EngineDep):
     """Add images: regions and embeddings are computed once and stored, all or none."""
-    images = [(item.id, decode_base64_image(item.image, f"images[{i}].image"))
-              for i, item in enumerate(body.images)]
+    images = [
+        (item.id, decode_base64_image(item.image, f"images[{i}].image"))
+        for i, item in enumerate(body.images)
+    ]
     return {"ids": await engine.galleries.add(name, images)}
 
 

@@ -15,7 +15,7 @@ def image_body(model: type[BaseModel], list_field: str, form_name: str) -> dict:
     form_props[form_name] = {
         "type": "array",
         "items": props[list_field]["items"],
-        "description": f"repeat the field once per item ({props[list_field].get('maxItems')} at most)",
+        "description": f"one field per item, {props[list_field].get('maxItems')} at most",
     }
     return {
         "requestBody": {

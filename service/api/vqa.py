@@ -3,8 +3,8 @@
 from fastapi import APIRouter, Request
 
 from service.api.deps import EngineDep, read_image_request
-from service.api.schemas import VqaParams, VqaRequest, VqaResponse
 from service.api.openapi import image_body
+from service.api.schemas import VqaParams, VqaRequest, VqaResponse
 
 router = APIRouter(tags=["inference"])
 

@@ -11,7 +11,7 @@ the box covers columns x1..x2-1 and rows y1..y2-1, so x2 / W <= 1.
 from __future__ import annotations
 
 import re
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import easy_vqa
@@ -74,7 +74,7 @@ def _dilate(mask: np.ndarray) -> np.ndarray:
     return out
 
 
-@lru_cache(maxsize=None)
+@cache
 def _image_facts(path: str) -> tuple[int, int, tuple[int, int, int, int]]:
     """(width, height, box) of one image file; cached so reloading a split is cheap."""
     with Image.open(path) as img:
@@ -143,7 +143,9 @@ def load_split(split: str) -> list[dict]:
     for text, answer, image_id in zip(texts, answers, image_ids, strict=True):
         per_image[image_id].append((text, answer))
     folder = Path(next(iter(paths.values()))).parent.resolve()
-    return [_record(split, i, str(folder / Path(paths[i]).name), per_image[i]) for i in sorted(paths)]
+    return [
+        _record(split, i, str(folder / Path(paths[i]).name), per_image[i]) for i in sorted(paths)
+    ]
 
 
 def _record(split: str, image_id: int, path: str, questions: list[tuple[str, str]]) -> dict:

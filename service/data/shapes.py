@@ -117,24 +117,32 @@ def _sample_dims(rng: np.random.Generator, shape: str, size: str, canvas: int) -
 
 
 def _try_place(
-    rng: np.random.Generator, size: int, placed: list[ShapeObject], occupied: np.ndarray
+    rng: np.random.Generator,
+    canvas: int,
+    kind: tuple[str, str, str],
+    placed: list[ShapeObject],
+    occupied: np.ndarray,
 ) -> ShapeObject | None:
-    """One random object that keeps clear of `occupied` and the IoU limit, or None."""
-    shape = SHAPES[rng.integers(len(SHAPES))]
-    color = list(COLORS)[rng.integers(len(COLORS))]
-    size_name = SIZES[rng.integers(len(SIZES))]
-    w, h = _sample_dims(rng, shape, size_name, size)
-    margin = max(1, round(0.03 * size))
-    if w > size - 2 * margin or h > size - 2 * margin:
+    """An object of `kind` (shape, colour, size) at a random spot clear of the others."""
+    shape, color, size = kind
+    w, h = _sample_dims(rng, shape, size, canvas)
+    margin = max(1, round(0.03 * canvas))
+    if w > canvas - 2 * margin or h > canvas - 2 * margin:
         return None
-    x1 = int(rng.integers(margin, size - margin - w + 1))
-    y1 = int(rng.integers(margin, size - margin - h + 1))
+    x1 = int(rng.integers(margin, canvas - margin - w + 1))
+    y1 = int(rng.integers(margin, canvas - margin - h + 1))
     box = (x1, y1, x1 + w, y1 + h)
     if any(box_iou(box, o.box) > MAX_IOU for o in placed):
         return None
     if (occupied[y1 : y1 + h, x1 : x1 + w] & shape_mask(shape, w, h)).any():
         return None
-    return ShapeObject(shape, color, size_name, box)
+    return ShapeObject(shape, color, size, box)
+
+
+def _random_kind(rng: np.random.Generator) -> tuple[str, str, str]:
+    shape = SHAPES[rng.integers(len(SHAPES))]
+    color = list(COLORS)[rng.integers(len(COLORS))]
+    return shape, color, SIZES[rng.integers(len(SIZES))]
 
 
 def _has_strict_relation(objects: list[ShapeObject]) -> bool:
@@ -148,15 +156,19 @@ def _has_strict_relation(objects: list[ShapeObject]) -> bool:
 
 def generate_scene(rng: np.random.Generator, size: int = 128, noise: float = 0.0) -> Scene:
     """A random scene of 1..6 objects on a pastel background; deterministic given `rng`."""
+    if size < 32:
+        raise ValueError(f"canvas size must be at least 32 pixels, got {size}")
     background = tuple(int(v) for v in rng.integers(BACKGROUND_RANGE[0], 256, 3))
     n = int(rng.integers(1, MAX_OBJECTS + 1))
     gap = max(1, size // 64)  # background pixels kept between any two objects
     while True:
         objects: list[ShapeObject] = []
         occupied = np.zeros((size, size), dtype=bool)  # dilated masks of placed objects
-        for _ in range(n):
-            for _attempt in range(200):
-                obj = _try_place(rng, size, objects, occupied)
+        # Kinds are drawn first and kept while placing, so crowded scenes do not favour
+        # small objects; a scene that does not fit is redrawn whole.
+        for kind in [_random_kind(rng) for _ in range(n)]:
+            for _attempt in range(100):
+                obj = _try_place(rng, size, kind, objects, occupied)
                 if obj is not None:
                     break
             if obj is None:

@@ -49,7 +49,9 @@ class Galleries:
         """Detect and embed every image first; then store them all in one transaction."""
         backbone = self.engine.backbone(await asyncio.to_thread(self.storage.model_of, name))
         decoded = await asyncio.gather(*(self.engine.decode(data) for _, data in images))
-        ids = [given or image.sha256[:16] for (given, _), image in zip(images, decoded, strict=True)]
+        ids = [
+            given or image.sha256[:16] for (given, _), image in zip(images, decoded, strict=True)
+        ]
         if len(set(ids)) != len(ids):
             raise Conflict("two images in this request have the same id (or the same bytes)")
         regions = await asyncio.gather(*(self.engine.regions(backbone, im) for im in decoded))
@@ -83,6 +85,7 @@ class Galleries:
             scores = torch.sigmoid(torch.tensor(logits)).tolist()
             reranked = sorted(zip(head, scores, strict=True), key=lambda h: -h[1])
             hits = reranked + hits[rerank:]
-        return {"model": model, "results": [
-            {"id": i, "score": round(float(s), 6)} for i, s in hits[:k]
-        ]}
+        return {
+            "model": model,
+            "results": [{"id": i, "score": round(float(s), 6)} for i, s in hits[:k]],
+        }

@@ -102,9 +102,15 @@ class GalleryStorage:
                 try:
                     self._db.execute(
                         "INSERT INTO images VALUES (?, ?, ?, ?, ?, ?, ?)",
-                        (name, im.id, im.sha256, _blob(im.embedding, np.float32),
-                         _blob(im.features, np.float16), _blob(im.boxes, np.float32),
-                         len(im.boxes)),
+                        (
+                            name,
+                            im.id,
+                            im.sha256,
+                            _blob(im.embedding, np.float32),
+                            _blob(im.features, np.float16),
+                            _blob(im.boxes, np.float32),
+                            len(im.boxes),
+                        ),
                     )
                 except sqlite3.IntegrityError:
                     raise Conflict(f"gallery {name!r} already holds an image {im.id!r}") from None
@@ -128,11 +134,13 @@ class GalleryStorage:
                 marks = ",".join("?" * len(chunk))
                 for row in self._db.execute(
                     f"SELECT id, features, boxes, n_regions FROM images "
-                    f"WHERE gallery = ? AND id IN ({marks})", (name, *chunk),
+                    f"WHERE gallery = ? AND id IN ({marks})",
+                    (name, *chunk),
                 ):
                     n = row[3]
                     feats = np.frombuffer(row[1], np.float16).reshape(n, -1).astype(np.float32)
-                    rows[row[0]] = (feats, np.frombuffer(row[2], np.float32).reshape(n, 4))
+                    boxes = np.frombuffer(row[2], np.float32).reshape(n, 4).copy()
+                    rows[row[0]] = (feats, boxes)
         return [rows[i] for i in ids]
 
     # -- first-stage search --------------------------------------------------------

@@ -63,12 +63,14 @@ class VisionLanguageModel(Protocol):
         """Alignment logit that the text describes the image: (B,)."""
 
     def ground(self, batch: Batch) -> Tensor:
-        """Per-region grounding logits, padded regions at the dtype's most negative value: (B, R)."""
+        """Per-region logits (B, R); padded regions hold the dtype's most negative value."""
 
     def embed_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """Single-modality text embedding, L2-normalised: (B, D)."""
 
-    def embed_image(self, region_features: Tensor, region_boxes: Tensor, region_mask: Tensor) -> Tensor:
+    def embed_image(
+        self, region_features: Tensor, region_boxes: Tensor, region_mask: Tensor
+    ) -> Tensor:
         """Single-modality image embedding, L2-normalised: (B, D)."""
 
 

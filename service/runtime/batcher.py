@@ -93,7 +93,7 @@ class DynamicBatcher(Generic[In, Out]):
             raise ValueError("need max_batch_size >= 1, max_queue >= 1, max_wait_ms >= 0")
         self.handler = handler
         self.max_batch_size = max_batch_size
-        self.max_wait = 0.0
+        self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
         self.name = name or getattr(handler, "__name__", "batcher")
         self.on_batch = on_batch
@@ -164,8 +164,14 @@ class DynamicBatcher(Generic[In, Out]):
         seconds (the item is dropped if it has not started), BatchFailed when its batch
         failed, BatcherClosed when not running. A cancelled caller's item is dropped.
         """
-        (out,) = await self.submit_many([item], timeout)
-        return out
+        entries = self._enqueue([item])
+        try:
+            async with asyncio.timeout(timeout):
+                return await entries[0].future
+        except TimeoutError:
+            raise self._timed_out(timeout) from None
+        finally:
+            self._abandon(entries)
 
     async def submit_many(self, items: Sequence[In], timeout: float | None = None) -> list[Out]:
         """Outputs for all `items`, queued together (all or none: QueueFull) so that they
@@ -175,11 +181,14 @@ class DynamicBatcher(Generic[In, Out]):
             async with asyncio.timeout(timeout):
                 return list(await asyncio.gather(*(e.future for e in entries)))
         except TimeoutError:
-            raise RequestTimeout(
-                f"{self.name}: no result within {timeout:.3g} s ({self.queue_depth} items waiting)"
-            ) from None
+            raise self._timed_out(timeout) from None
         finally:
             self._abandon(entries)
+
+    def _timed_out(self, timeout: float) -> RequestTimeout:
+        return RequestTimeout(
+            f"{self.name}: no result within {timeout:.3g} s ({self.queue_depth} items waiting)"
+        )
 
     def _enqueue(self, items: Sequence[In]) -> list[_Entry]:
         if self._state != "running":

@@ -91,7 +91,9 @@ class Engine:
             if det_ref not in self.detectors:
                 det = self.worker.load_detector(self.store, resolve(self.store, det_ref))
                 self.detectors[det_ref] = det
-            self.backbones[m.ref] = self.worker.load_backbone(self.store, m, self.detectors[det_ref])
+            self.backbones[m.ref] = self.worker.load_backbone(
+                self.store, m, self.detectors[det_ref]
+            )
 
     def _batcher(self, ref: str, handler) -> DynamicBatcher:
         s = self.settings
@@ -100,8 +102,13 @@ class Engine:
             self.metrics.batch_size.labels(ref).observe(size)
 
         return DynamicBatcher(
-            handler, max_batch_size=s.max_batch_size, max_wait_ms=s.max_wait_ms,
-            max_queue=s.max_queue, executor=self.worker.executor, name=ref, on_batch=on_batch,
+            handler,
+            max_batch_size=s.max_batch_size,
+            max_wait_ms=s.max_wait_ms,
+            max_queue=s.max_queue,
+            executor=self.worker.executor,
+            name=ref,
+            on_batch=on_batch,
         )
 
     def _detect_handler(self, ref: str):
@@ -130,9 +137,12 @@ class Engine:
     def list_models(self) -> list[dict]:
         return [
             {
-                "name": b.manifest.name, "version": str(b.manifest.version),
-                "backbone": b.manifest.kind, "tasks": list(b.manifest.tasks or []),
-                "detector": b.manifest.detector, "metrics": b.manifest.metrics or {},
+                "name": b.manifest.name,
+                "version": str(b.manifest.version),
+                "backbone": b.manifest.kind,
+                "tasks": list(b.manifest.tasks or []),
+                "detector": b.manifest.detector,
+                "metrics": b.manifest.metrics or {},
             }
             for b in self.backbones.values()
         ]
@@ -182,21 +192,28 @@ class Engine:
         for q, row in zip(questions, logits, strict=True):
             probs = torch.sigmoid(row)
             top = torch.topk(probs, min(top_k, len(probs)))
-            answers.append({"question": q, "answers": [
-                {"answer": backbone.answers[i], "score": round(float(p), 6)}
-                for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)
-            ]})
-        return {"model": backbone.manifest.ref, "regions": region_list(regions),
-                "answers": answers}
+            answers.append(
+                {
+                    "question": q,
+                    "answers": [
+                        {"answer": backbone.answers[i], "score": round(float(p), 6)}
+                        for p, i in zip(top.values.tolist(), top.indices.tolist(), strict=True)
+                    ],
+                }
+            )
+        return {"model": backbone.manifest.ref, "regions": region_list(regions), "answers": answers}
 
     async def match(self, data: bytes, texts: list[str], model: str | None) -> dict:
         backbone, regions = await self._prepare(data, model)
         items = [EncodeItem("match", t, regions.region_set) for t in texts]
         logits = await self.encode(backbone, items)
         scores = torch.sigmoid(torch.tensor(logits)).tolist()
-        return {"model": backbone.manifest.ref, "scores": [
-            {"text": t, "score": round(s, 6)} for t, s in zip(texts, scores, strict=True)
-        ]}
+        return {
+            "model": backbone.manifest.ref,
+            "scores": [
+                {"text": t, "score": round(s, 6)} for t, s in zip(texts, scores, strict=True)
+            ],
+        }
 
     async def ground(self, data: bytes, expressions: list[str], model: str | None) -> dict:
         backbone, regions = await self._prepare(data, model)
@@ -205,8 +222,14 @@ class Engine:
         for expr, logits in zip(expressions, await self.encode(backbone, items), strict=True):
             probs = torch.softmax(logits, -1)
             i = int(probs.argmax())
-            results.append({"expression": expr, "box": _box(regions.boxes[i]),
-                            "score": round(float(probs[i]), 6), "region_index": i})
+            results.append(
+                {
+                    "expression": expr,
+                    "box": _box(regions.boxes[i]),
+                    "score": round(float(probs[i]), 6),
+                    "region_index": i,
+                }
+            )
         return {"model": backbone.manifest.ref, "results": results}
 
 

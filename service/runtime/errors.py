@@ -5,14 +5,14 @@ Nothing here knows HTTP: a kind has a stable `code` that clients can branch on.
 
 from __future__ import annotations
 
-from service.runtime.batcher import BatchFailed, QueueFull, RequestTimeout
 from service.errors import Conflict, NotFound, ServiceError, Unavailable
+from service.runtime.batcher import BatchFailed, BatcherClosed, QueueFull, RequestTimeout
 from service.runtime.images import BadImage
-
 
 __all__ = [
     "BadImage",
     "BatchFailed",
+    "BatcherClosed",
     "Conflict",
     "NotFound",
     "QueueFull",

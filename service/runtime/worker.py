@@ -81,7 +81,9 @@ class Worker:
         self.device = pick_device(device)
         # fp16/bf16 on a GPU; float32 on the CPU, where half precision is slower.
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"worker-{self.device}")
+        self.executor = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix=f"worker-{self.device}"
+        )
 
     # -- loading -------------------------------------------------------------------
     def load_detector(self, store: ModelStore, manifest: Manifest) -> LoadedDetector:
@@ -121,13 +123,20 @@ class Worker:
     def _run_task(self, backbone: LoadedBackbone, task: str, items: list[EncodeItem]) -> list:
         model = backbone.module
         if task == "embed_text":
-            enc = backbone.tokenizer([it.text for it in items], padding="longest",
-                                     truncation=True, max_length=40, return_tensors="pt")
-            emb = model.embed_text(enc["input_ids"].to(self.device),
-                                   enc["attention_mask"].to(self.device))
+            enc = backbone.tokenizer(
+                [it.text for it in items],
+                padding="longest",
+                truncation=True,
+                max_length=40,
+                return_tensors="pt",
+            )
+            emb = model.embed_text(
+                enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+            )
             return list(emb.float().cpu().numpy())
-        batch = collate([it.text for it in items], [it.regions for it in items],
-                        backbone.tokenizer).to(self.device, self.dtype)
+        batch = collate(
+            [it.text for it in items], [it.regions for it in items], backbone.tokenizer
+        ).to(self.device, self.dtype)
         if task == "vqa":
             return list(model.answer(batch).float().cpu())
         if task == "match":
@@ -137,9 +146,12 @@ class Worker:
 
     @torch.inference_mode()
     def embed_images(self, backbone: LoadedBackbone, regions: list[RegionSet]) -> np.ndarray:
-        batch = collate([""] * len(regions), regions, backbone.tokenizer).to(self.device, self.dtype)
-        emb = backbone.module.embed_image(batch.region_features, batch.region_boxes,
-                                          batch.region_mask)
+        batch = collate([""] * len(regions), regions, backbone.tokenizer).to(
+            self.device, self.dtype
+        )
+        emb = backbone.module.embed_image(
+            batch.region_features, batch.region_boxes, batch.region_mask
+        )
         return emb.float().cpu().numpy()
 
     def close(self) -> None:

@@ -15,6 +15,8 @@ from service.runtime.batcher import (
     RequestTimeout,
 )
 
+pytestmark = pytest.mark.timeout(10)  # a broken batching loop must fail, not hang
+
 
 @pytest.fixture
 def anyio_backend():

@@ -9,6 +9,8 @@ import torch
 from service.data.collate import RegionSet
 from service.runtime.cache import RegionCache, nbytes_of, region_key
 
+pytestmark = pytest.mark.timeout(10)  # a broken batching loop must fail, not hang
+
 
 @pytest.fixture
 def anyio_backend():
