@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.runtime import errors as rt
+from service.runtime.engine import ReloadFailed
 
 log = logging.getLogger("vqa.api")
 
@@ -37,6 +38,7 @@ STATUS = [
     (rt.Unavailable, 503, "unavailable"),
     (rt.BatcherClosed, 503, "unavailable"),
     (rt.RequestTimeout, 504, "timeout"),
+    (ReloadFailed, 500, "reload_failed"),
 ]
 
 
@@ -56,6 +58,14 @@ def error_response(
 ) -> JSONResponse:
     body = {"error": {"code": code, "message": message, "request_id": request_id(request)}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def internal_error(request: Request, exc: BaseException) -> JSONResponse:
+    """A 500 that names the request id (the log has the traceback under it)."""
+    rid = request_id(request)
+    log.error("request %s failed", rid, exc_info=exc)
+    message = f"internal error; quote request id {rid} when reporting it"
+    return error_response(request, 500, "internal", message)
 
 
 def _validation_message(exc: RequestValidationError) -> str:
@@ -94,7 +104,4 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
-        rid = request_id(request)
-        log.error("request %s failed", rid, exc_info=exc)
-        message = f"internal error; quote request id {rid} when reporting it"
-        return error_response(request, 500, "internal", message)
+        return internal_error(request, exc)

@@ -1,9 +1,13 @@
-"""GET /v1/models: what this service can answer with."""
+"""GET /v1/models: what this service can answer with; POST .../reload: serve a new version."""
 
-from fastapi import APIRouter
+from typing import Annotated
 
-from service.api.deps import EngineDep
+from fastapi import APIRouter, Path
+
+from service.api.deps import ApiKey, EngineDep
 from service.api.schemas import ModelInfo
+
+ModelName = Annotated[str, Path(pattern=r"^[a-z0-9][a-z0-9._-]{0,127}$")]
 
 router = APIRouter(tags=["models"])
 
@@ -12,3 +16,13 @@ router = APIRouter(tags=["models"])
 async def list_models(engine: EngineDep) -> list[dict]:
     """Every loaded backbone model with its detector and metrics, from the manifests."""
     return engine.list_models()
+
+
+@router.post("/v1/models/{name}/reload", response_model=ModelInfo, dependencies=[ApiKey])
+async def reload_model(name: ModelName, engine: EngineDep) -> dict:
+    """Serve the model store's newest version of `name` in place of the loaded one.
+
+    Requests already running finish on the old version; later ones get the new one.
+    Returns the version now served (unchanged if the store has nothing newer).
+    """
+    return await engine.reload(name)

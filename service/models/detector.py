@@ -70,6 +70,8 @@ BACKBONE_DEFAULTS: dict[str, dict[str, Any]] = {
         rpn_pre_nms_top_n=1000,
         rpn_post_nms_top_n_train=300,
         rpn_post_nms_top_n_test=100,
+        box_batch_size_per_image=64,  # at most 6 objects an image: 16 positives is plenty
+        roi_sampling_ratio=0,  # adaptive: boxes span a few cells, one sample per cell
     ),
     "resnet50_fpn": dict(
         min_size=600,
@@ -79,6 +81,8 @@ BACKBONE_DEFAULTS: dict[str, dict[str, Any]] = {
         rpn_pre_nms_top_n=1000,
         rpn_post_nms_top_n_train=2000,
         rpn_post_nms_top_n_test=300,
+        box_batch_size_per_image=512,
+        roi_sampling_ratio=2,
     ),
 }
 
@@ -105,7 +109,8 @@ class DetectorConfig:
     rpn_pre_nms_top_n: int | None = None  # per feature map
     rpn_post_nms_top_n_train: int | None = None
     rpn_post_nms_top_n_test: int | None = None
-    box_batch_size_per_image: int = 128  # sampled RoIs per image in training
+    box_batch_size_per_image: int | None = None  # sampled RoIs per image in training
+    roi_sampling_ratio: int | None = None  # RoIAlign samples per bin side, 0 = adaptive
     min_regions: int = 10
     max_regions: int = 36
     score_thresh: float = 0.2
@@ -134,8 +139,9 @@ class DetectorConfig:
 class TinyBackbone(nn.Module):
     """A small conv-BN-ReLU stack: one feature map of 64 channels at stride 8.
 
-    Receptive field about 90 px, enough for the shapes world's objects (15 to 51 px on
-    a 128 canvas) and easy-VQA's shapes upscaled to 128. After every block the
+    Receptive field about 85 px (with the RPN's 3x3 conv), enough for the shapes
+    world's objects (15 to 51 px on a 128 canvas) and easy-VQA's shapes upscaled to
+    128. After every block the
     activations outside each image's own area are zeroed, so the zeros that batching
     pads with look exactly like a lone image's border: an image gets the same
     features alone as in a batch of larger images.
@@ -144,7 +150,6 @@ class TinyBackbone(nn.Module):
     # (out_channels, stride, dilation) per block
     blocks_spec = [
         (32, 2, 1),
-        (32, 1, 1),
         (64, 2, 1),
         (64, 1, 1),
         (64, 2, 1),
@@ -475,10 +480,14 @@ def matched_values(values: Tensor, matched_idxs: Tensor) -> Tensor:
 
 
 def attribute_loss(logits: Tensor, target: Tensor, positive: Tensor) -> Tensor:
-    """Cross-entropy over the positive RoIs only; zero (with a graph) when there are none."""
-    if not positive.any():
+    """Cross-entropy over the positive RoIs whose attribute is known (label >= 0).
+
+    Zero, with a graph, when there are none.
+    """
+    labelled = positive & (target >= 0)
+    if not labelled.any():
         return logits.sum() * 0.0
-    return F.cross_entropy(logits[positive], target[positive])
+    return F.cross_entropy(logits[labelled], target[labelled])
 
 
 # ------------------------------------------------------------------------------- model
@@ -493,7 +502,8 @@ class RegionDetector(nn.Module):
 
     Images: a list of (3, H, W) float tensors in [0, 1], sizes may differ. Targets
     (training): per image a dict with boxes (N, 4) float pixels x1, y1, x2, y2, labels
-    (N,) int64 in 1..num_classes, attributes {name: (N,) int64 value index}.
+    (N,) int64 in 1..num_classes, attributes {name: (N,) int64 value index, -1 where
+    unknown (easy-VQA has no sizes): such objects teach that attribute nothing}.
     """
 
     def __init__(
@@ -534,7 +544,7 @@ class RegionDetector(nn.Module):
             ),
             nms_thresh=0.7,
         )
-        pool = MultiScaleRoIAlign(featmap_names=map_names, output_size=7, sampling_ratio=2)
+        pool = MultiScaleRoIAlign(map_names, output_size=7, sampling_ratio=cfg.roi_sampling_ratio)
         rep = cfg.representation_size
         roi_heads = AttributeRoIHeads(
             pool,

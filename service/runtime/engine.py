@@ -9,12 +9,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from contextlib import contextmanager
+from collections import Counter
+from contextlib import asynccontextmanager, contextmanager
 
 import torch
 
 from service.config import Settings
-from service.errors import NotFound, Unavailable
+from service.errors import NotFound, ServiceError, Unavailable
 from service.gallery.service import Galleries
 from service.runtime.batcher import DynamicBatcher
 from service.runtime.cache import RegionCache
@@ -34,6 +35,12 @@ log = logging.getLogger("vqa.engine")
 ALIASES = ("vilbert", "lxmert")
 
 
+class ReloadFailed(ServiceError):
+    """The store's newest version of a model could not be loaded; the old one still serves."""
+
+    code = "reload_failed"
+
+
 class Engine:
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -48,6 +55,8 @@ class Engine:
         self.backbones: dict[str, LoadedBackbone] = {}
         self._detect: dict[str, DynamicBatcher] = {}
         self._encode: dict[str, DynamicBatcher] = {}
+        self._users: Counter[str] = Counter()  # requests now holding each backbone ref
+        self._reload_lock = asyncio.Lock()
         self.galleries = Galleries(self, settings.data_dir)
 
     @property
@@ -58,20 +67,23 @@ class Engine:
     async def start(self) -> None:
         self.worker = Worker(self.settings.device)
         await asyncio.to_thread(self._load_models)
-        for ref in self.detectors:
-            self._detect[ref] = self._batcher(ref, self._detect_handler(ref))
-        for ref in self.backbones:
-            self._encode[ref] = self._batcher(ref, self._encode_handler(ref))
-        for b in (*self._detect.values(), *self._encode.values()):
-            await b.start()
+        for ref, detector in self.detectors.items():
+            self._detect[ref] = await self._started(ref, self._detect_handler(detector))
+        for ref, backbone in self.backbones.items():
+            self._encode[ref] = await self._started(ref, self._encode_handler(backbone))
         self.state = "ready"
         log.info("ready on %s with %s", self.worker.device, ", ".join(self.backbones))
 
     async def stop(self, drain_timeout: float = 10.0) -> None:
+        """Refuse new requests (503); let those in flight finish, within drain_timeout."""
+        if self.state in ("draining", "stopped"):
+            return
         self.state = "draining"
-        stops = [b.stop(drain=True) for b in (*self._detect.values(), *self._encode.values())]
         try:
-            await asyncio.wait_for(asyncio.gather(*stops), timeout=drain_timeout)
+            async with asyncio.timeout(drain_timeout):
+                await self._unused(*self._users)
+                batchers = (*self._detect.values(), *self._encode.values())
+                await asyncio.gather(*(b.stop(drain=True) for b in batchers))
         except TimeoutError:
             log.warning("drain timed out after %.1f s", drain_timeout)
         self.galleries.close()
@@ -85,15 +97,24 @@ class Engine:
         if names:
             manifests = [resolve(self.store, n) for n in names]
         for m in manifests:
-            det_ref = m.detector
-            if det_ref is None:
-                raise NotFound(f"model {m.ref} names no detector in its manifest")
-            if det_ref not in self.detectors:
-                det = self.worker.load_detector(self.store, resolve(self.store, det_ref))
-                self.detectors[det_ref] = det
-            self.backbones[m.ref] = self.worker.load_backbone(
-                self.store, m, self.detectors[det_ref]
-            )
+            detector, self.backbones[m.ref] = self._load(m)
+            if detector is not None:
+                self.detectors[detector.manifest.ref] = detector
+
+    def _load(self, manifest) -> tuple[LoadedDetector | None, LoadedBackbone]:
+        """On the worker thread: a backbone, and its detector when not loaded yet."""
+        if manifest.detector is None:
+            raise NotFound(f"model {manifest.ref} names no detector in its manifest")
+        detector = self.detectors.get(manifest.detector)
+        if detector is not None:
+            return None, self.worker.load_backbone(self.store, manifest, detector)
+        detector = self.worker.load_detector(self.store, resolve(self.store, manifest.detector))
+        return detector, self.worker.load_backbone(self.store, manifest, detector)
+
+    async def _started(self, ref: str, handler) -> DynamicBatcher:
+        batcher = self._batcher(ref, handler)
+        await batcher.start()
+        return batcher
 
     def _batcher(self, ref: str, handler) -> DynamicBatcher:
         s = self.settings
@@ -111,11 +132,12 @@ class Engine:
             on_batch=on_batch,
         )
 
-    def _detect_handler(self, ref: str):
-        return lambda images: self.worker.detect(self.detectors[ref], images)
+    def _detect_handler(self, detector: LoadedDetector):
+        return lambda images: self.worker.detect(detector, images)
 
-    def _encode_handler(self, ref: str):
-        return lambda items: self.worker.encode(self.backbones[ref], items)
+    def _encode_handler(self, backbone: LoadedBackbone):
+        # Bound to this loaded model, so a reload cannot change a queued batch's model.
+        return lambda items: self.worker.encode(backbone, items)
 
     # -- models ----------------------------------------------------------------------
     def backbone(self, ref: str | None) -> LoadedBackbone:
@@ -135,17 +157,71 @@ class Engine:
         raise NotFound(f"model {ref!r} is not loaded here; loaded: {known}")
 
     def list_models(self) -> list[dict]:
-        return [
-            {
-                "name": b.manifest.name,
-                "version": str(b.manifest.version),
-                "backbone": b.manifest.kind,
-                "tasks": list(b.manifest.tasks or []),
-                "detector": b.manifest.detector,
-                "metrics": b.manifest.metrics or {},
+        return [_model_info(b) for b in self.backbones.values()]
+
+    @asynccontextmanager
+    async def _serving(self, model: str | None):
+        """The backbone for `model`, held for one request: reload and stop wait for it."""
+        backbone = self.backbone(model)
+        ref = backbone.manifest.ref
+        self._users[ref] += 1
+        try:
+            yield backbone
+        finally:
+            self._users[ref] -= 1
+
+    async def _unused(self, *refs: str) -> None:
+        """Wait until no request holds any of `refs`."""
+        while any(self._users[r] for r in refs):
+            await asyncio.sleep(0.01)
+
+    async def reload(self, name: str) -> dict:
+        """Serve the store's newest version of `name` in place of the loaded one.
+
+        It loads on the worker thread (between batches) and is swapped in at once; requests
+        that already hold the old version finish on it, then its batcher drains.
+        """
+        async with self._reload_lock:
+            old = self.backbone(name)
+            if old.manifest.name != name:
+                raise NotFound(f"no model named {name!r} is loaded; loaded: {list(self.backbones)}")
+            manifest = await asyncio.to_thread(resolve, self.store, name)
+            if manifest.ref == old.manifest.ref:
+                return _model_info(old)
+            loop = asyncio.get_running_loop()
+            try:
+                detector, new = await loop.run_in_executor(
+                    self.worker.executor, self._load, manifest
+                )
+            except Exception as exc:
+                raise ReloadFailed(
+                    f"cannot load {manifest.ref} ({exc}); still serving {old.manifest.ref}"
+                ) from exc
+            if detector is not None:
+                ref = detector.manifest.ref
+                self._detect[ref] = await self._started(ref, self._detect_handler(detector))
+                self.detectors[ref] = detector
+            self._encode[manifest.ref] = await self._started(
+                manifest.ref, self._encode_handler(new)
+            )
+            self.backbones = {  # one assignment: a request sees the old set or the new one
+                (manifest.ref if r == old.manifest.ref else r): (new if b is old else b)
+                for r, b in self.backbones.items()
             }
-            for b in self.backbones.values()
-        ]
+            log.info("reloaded %s -> %s", old.manifest.ref, manifest.ref)
+            await self._retire(old.manifest.ref)
+            return _model_info(new)
+
+    async def _retire(self, ref: str) -> None:
+        """Drain a replaced model's batcher once no request holds it (or timeout_s passed)."""
+        try:
+            async with asyncio.timeout(self.settings.timeout_s):
+                await self._unused(ref)
+        except TimeoutError:
+            log.warning("retiring %s while requests still hold it", ref)
+        await self._encode[ref].stop(drain=True)
+        del self._encode[ref]
+        self._users.pop(ref, None)
 
     # -- stages ----------------------------------------------------------------------
     @contextmanager
@@ -173,21 +249,21 @@ class Engine:
         return await self.cache.get_or_compute(key, detect)
 
     async def encode(self, backbone: LoadedBackbone, items: list[EncodeItem]) -> list:
+        batcher = self._encode.get(backbone.manifest.ref)
+        if batcher is None:
+            raise Unavailable(f"model {backbone.manifest.ref} was replaced by a reload; retry")
         with self._timed("encode"):
-            return await self._encode[backbone.manifest.ref].submit_many(
-                items, timeout=self.settings.timeout_s
-            )
+            return await batcher.submit_many(items, timeout=self.settings.timeout_s)
 
-    async def _prepare(self, data: bytes, model: str | None):
-        backbone = self.backbone(model)
-        image = await self.decode(data)
-        return backbone, await self.regions(backbone, image)
+    async def _image_regions(self, backbone: LoadedBackbone, data: bytes) -> DetectedRegions:
+        return await self.regions(backbone, await self.decode(data))
 
     # -- tasks -----------------------------------------------------------------------
     async def vqa(self, data: bytes, questions: list[str], model: str | None, top_k: int) -> dict:
-        backbone, regions = await self._prepare(data, model)
-        items = [EncodeItem("vqa", q, regions.region_set) for q in questions]
-        logits = await self.encode(backbone, items)
+        async with self._serving(model) as backbone:
+            regions = await self._image_regions(backbone, data)
+            items = [EncodeItem("vqa", q, regions.region_set) for q in questions]
+            logits = await self.encode(backbone, items)
         answers = []
         for q, row in zip(questions, logits, strict=True):
             probs = torch.sigmoid(row)
@@ -204,9 +280,10 @@ class Engine:
         return {"model": backbone.manifest.ref, "regions": region_list(regions), "answers": answers}
 
     async def match(self, data: bytes, texts: list[str], model: str | None) -> dict:
-        backbone, regions = await self._prepare(data, model)
-        items = [EncodeItem("match", t, regions.region_set) for t in texts]
-        logits = await self.encode(backbone, items)
+        async with self._serving(model) as backbone:
+            regions = await self._image_regions(backbone, data)
+            items = [EncodeItem("match", t, regions.region_set) for t in texts]
+            logits = await self.encode(backbone, items)
         scores = torch.sigmoid(torch.tensor(logits)).tolist()
         return {
             "model": backbone.manifest.ref,
@@ -216,10 +293,12 @@ class Engine:
         }
 
     async def ground(self, data: bytes, expressions: list[str], model: str | None) -> dict:
-        backbone, regions = await self._prepare(data, model)
-        items = [EncodeItem("ground", e, regions.region_set) for e in expressions]
+        async with self._serving(model) as backbone:
+            regions = await self._image_regions(backbone, data)
+            items = [EncodeItem("ground", e, regions.region_set) for e in expressions]
+            outputs = await self.encode(backbone, items)
         results = []
-        for expr, logits in zip(expressions, await self.encode(backbone, items), strict=True):
+        for expr, logits in zip(expressions, outputs, strict=True):
             probs = torch.softmax(logits, -1)
             i = int(probs.argmax())
             results.append(
@@ -231,6 +310,18 @@ class Engine:
                 }
             )
         return {"model": backbone.manifest.ref, "results": results}
+
+
+def _model_info(b: LoadedBackbone) -> dict:
+    m = b.manifest
+    return {
+        "name": m.name,
+        "version": str(m.version),
+        "backbone": m.kind,
+        "tasks": list(m.tasks or []),
+        "detector": m.detector,
+        "metrics": m.metrics or {},
+    }
 
 
 def region_list(regions: DetectedRegions) -> list[dict]:

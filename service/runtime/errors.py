@@ -6,7 +6,7 @@ Nothing here knows HTTP: a kind has a stable `code` that clients can branch on.
 from __future__ import annotations
 
 from service.errors import Conflict, NotFound, ServiceError, Unavailable
-from service.runtime.batcher import BatchFailed, BatcherClosed, QueueFull, RequestTimeout
+from service.runtime.batcher import BatcherClosed, BatchFailed, QueueFull, RequestTimeout
 from service.runtime.images import BadImage
 
 __all__ = [

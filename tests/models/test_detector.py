@@ -134,6 +134,14 @@ def test_image_without_objects_trains():
     assert losses["loss_attr_color"].item() == 0.0  # no positive RoI to learn from
 
 
+def test_unknown_attributes_teach_nothing():
+    model = tiny().train()
+    image, target = scene(12)
+    unknown = {"color": target["attributes"]["color"], "size": torch.full((3,), -1)}
+    losses = model([image], [dict(target, attributes=unknown)])
+    assert losses["loss_attr_size"].item() == 0.0 and losses["loss_attr_color"].item() > 0
+
+
 def test_bad_targets_are_refused_with_a_clear_error(detector):
     image, target = scene(4)
     detector.train()

@@ -1,0 +1,488 @@
+"""Fine-tuning for the service's tasks, from a pretrained store entry or from scratch.
+
+Objectives (each samples its own batch of `batch_size` from the step's rng):
+
+  vqa        multi-label classification over the answer vocabulary (the shapes world's
+             ANSWERS; easy-VQA's 13 are a subset) against soft scores, BCE with logits
+             averaged over batch and answers, times the number of answers, as both papers.
+  match,     the alignment logit (`model.match`: higher = matched; each backbone's 2-way
+  retrieval  head convention is inside it) with BCE on B images x (one true caption, one
+             false caption). The false caption is a random negative (another image's
+             caption, checked false for this image) or a hard negative (the complete
+             caption with one attribute, count or relation changed). Plus a symmetric
+             InfoNCE loss between `embed_text` of the complete captions and `embed_image`
+             of the regions across the batch (temperature 0.05; images whose complete
+             captions are identical are not counted as each other's negatives): the
+             gallery's first stage. "match" draws any caption as positive and half hard
+             negatives; "retrieval" always the complete caption (the gallery's query) and
+             a quarter hard negatives.
+  grounding  per-region logits (`model.ground`), softmax over the image's regions; the loss
+             is -log of the probability on the regions whose box has IoU >= 0.5 with the
+             referred object's (softmax cross-entropy with the best-IoU region as target,
+             generalised to every region the evaluation would accept). Expressions with no
+             such region (a detector miss) are left out of training.
+  all        vqa, match and grounding in round robin, one per step: the one model that
+             serves vqa, match, ground and retrieval.
+
+`label_fraction` keeps that fraction of the VQA training images (seeded); the other
+objectives keep every image. Validation runs on the val split's features when they exist
+(`val_images` images), and the best validation state is kept.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from service.data.collate import collate
+from service.data.language import ANSWERS
+from service.data.tokenizer import load_tokenizer
+from service.models.backbone import build_backbone
+from service.store import Manifest, ModelStore
+from service.training.evaluate import (
+    easyvqa_source,
+    eval_grounding,
+    eval_match,
+    eval_retrieval,
+    eval_vqa,
+)
+from service.training.examples import PairSource, answer_targets, feature_path
+from service.training.loop import TrainConfig, model_device, train
+from service.training.metrics import paired_iou
+from service.training.negatives import hard_negatives, random_negative
+from service.training.pretrain import default_config
+
+TASKS = ("vqa", "retrieval", "grounding", "match", "all")
+SERVES = {  # what the service may ask of a model fine-tuned on each task
+    "vqa": ["vqa"],
+    "match": ["match", "retrieval"],
+    "retrieval": ["retrieval", "match"],
+    "grounding": ["ground"],
+    "all": ["vqa", "match", "ground", "retrieval"],
+}
+ROUND_ROBIN = ("vqa", "match", "grounding")  # the objectives of "all", one per step
+NUM_ANSWERS_KEY = {"vilbert": "num_answers", "lxmert": "num_qa_labels"}
+NCE_TEMPERATURE = 0.05
+GROUND_IOU = 0.5
+# (share of positives that are the complete caption, share of negatives that are hard)
+ALIGN_MIX = {"match": (0.5, 0.5), "retrieval": (1.0, 0.25)}
+
+
+# ---- objectives ---------------------------------------------------------------------------
+
+
+def vqa_loss(logits: Tensor, targets: Tensor) -> Tensor:
+    """BCE with logits, mean over batch and answers, times the number of answers."""
+    return F.binary_cross_entropy_with_logits(logits.float(), targets) * targets.shape[1]
+
+
+def info_nce(text: Tensor, image: Tensor, same: Tensor, temperature: float) -> Tensor:
+    """Symmetric InfoNCE over a batch of (text i, image i) pairs.
+
+    text, image (B, D) L2-normalised; same (B, B) bool marks pairs i != j whose texts are
+    identical: they are left out of each other's denominators instead of being pushed apart.
+    """
+    sim = text.float() @ image.float().T / temperature  # (B, B)
+    off = same & ~torch.eye(len(sim), dtype=torch.bool, device=sim.device)
+    sim = sim.masked_fill(off, float("-inf"))
+    target = torch.arange(len(sim), device=sim.device)
+    return (F.cross_entropy(sim, target) + F.cross_entropy(sim.T, target)) / 2
+
+
+def grounding_loss(logits: Tensor, good: Tensor) -> Tensor:
+    """-log sum of softmax(logits) over the good regions, averaged: logits, good (B, R)."""
+    logits = logits.float()
+    right = torch.logsumexp(logits.masked_fill(~good, float("-inf")), dim=1)
+    return (torch.logsumexp(logits, dim=1) - right).mean()
+
+
+class VqaObjective:
+    """Questions of one or more PairSources, each drawn with equal probability."""
+
+    def __init__(self, sources: list[PairSource], answers, tokenizer, max_length: int = 40):
+        self.sources, self.tokenizer, self.max_length = sources, tokenizer, max_length
+        self.index = {a: k for k, a in enumerate(answers)}
+        self.items = [
+            (s, i, k)
+            for s, src in enumerate(sources)
+            for i in range(len(src))
+            for k in range(len(src.questions(i)))
+        ]
+        if not self.items:
+            raise ValueError("no questions to fine-tune VQA on")
+
+    def __call__(self, model: nn.Module, rng: np.random.Generator, n: int) -> dict[str, Tensor]:
+        texts, regions, targets = [], [], []
+        for j in rng.integers(len(self.items), size=n):
+            s, i, k = self.items[int(j)]
+            q = self.sources[s].questions(i)[k]
+            texts.append(q["question"])
+            regions.append(self.sources[s].region_set(i))
+            targets.append(answer_targets(q["answer"], self.index))
+        device = model_device(model)
+        batch = collate(texts, regions, self.tokenizer, self.max_length).to(device)
+        loss = vqa_loss(model.answer(batch), torch.stack(targets).to(device))
+        return {"loss": loss, "vqa": loss.detach()}
+
+
+class AlignObjective:
+    """Alignment BCE over true and false captions, plus InfoNCE on the dual embeddings."""
+
+    def __init__(
+        self,
+        source: PairSource,
+        tokenizer,
+        complete_frac: float,
+        hard_frac: float,
+        max_length: int = 40,
+    ):
+        self.source, self.tokenizer, self.max_length = source, tokenizer, max_length
+        self.complete_frac, self.hard_frac = complete_frac, hard_frac
+        self.images = [i for i in range(len(source)) if source.captions(i)]
+        if len(self.images) < 2:
+            raise ValueError("matching needs at least two images with captions")
+        self.pool = [c for i in self.images for c in source.captions(i)]
+        self._hard: dict[int, list[list]] = {}
+
+    def hard(self, i: int, rng: np.random.Generator):
+        """A hard negative of image i: a kind drawn uniformly, then a variant (cached)."""
+        if i not in self._hard:
+            by_kind: dict[str, list] = {}
+            for neg in hard_negatives(self.source.captions(i)[0], self.source.objects(i)):
+                by_kind.setdefault(neg.kind, []).append(neg)
+            self._hard[i] = list(by_kind.values())
+        kinds = self._hard[i]
+        if not kinds:
+            return None
+        options = kinds[int(rng.integers(len(kinds)))]
+        return options[int(rng.integers(len(options)))]
+
+    def negative(self, i: int, rng: np.random.Generator) -> str | None:
+        first, second = (self.hard, self.random)
+        if rng.random() >= self.hard_frac:
+            first, second = second, first
+        neg = first(i, rng) or second(i, rng)
+        return neg.text if neg else None
+
+    def random(self, i: int, rng: np.random.Generator):
+        return random_negative(self.source.objects(i), self.pool, rng)
+
+    def positive(self, i: int, rng: np.random.Generator) -> str:
+        captions = self.source.captions(i)
+        if rng.random() < self.complete_frac:
+            return captions[0]
+        return captions[int(rng.integers(len(captions)))]
+
+    def __call__(self, model: nn.Module, rng: np.random.Generator, n: int) -> dict[str, Tensor]:
+        picks = rng.choice(self.images, size=min(n, len(self.images)), replace=False)
+        regions = [self.source.region_set(int(i)) for i in picks]
+        texts, pair_regions, labels = [], [], []
+        for i, rs in zip(picks, regions, strict=True):
+            texts.append(self.positive(int(i), rng))
+            pair_regions.append(rs)
+            labels.append(1.0)
+            if (neg := self.negative(int(i), rng)) is not None:
+                texts.append(neg)
+                pair_regions.append(rs)
+                labels.append(0.0)
+        device = model_device(model)
+        pairs = collate(texts, pair_regions, self.tokenizer, self.max_length).to(device)
+        match = F.binary_cross_entropy_with_logits(
+            model.match(pairs).float(), torch.tensor(labels, device=device)
+        )
+        complete = [self.source.captions(int(i))[0] for i in picks]
+        b = collate(complete, regions, self.tokenizer, self.max_length).to(device)
+        text = model.embed_text(b.input_ids, b.attention_mask)
+        image = model.embed_image(b.region_features, b.region_boxes, b.region_mask)
+        same = torch.tensor([[a == c for c in complete] for a in complete], device=device)
+        nce = info_nce(text, image, same, NCE_TEMPERATURE)
+        return {"loss": match + nce, "match": match.detach(), "nce": nce.detach()}
+
+
+class GroundObjective:
+    """Referring expressions against the regions that overlap the referred object."""
+
+    def __init__(self, source: PairSource, tokenizer, max_length: int = 40):
+        self.source, self.tokenizer, self.max_length = source, tokenizer, max_length
+        self.items = []  # (image, expression, good regions (R,) bool)
+        for i in range(len(source)):
+            boxes = source.region_set(i).boxes
+            w, h = source.size(i)
+            scale = torch.tensor([w, h, w, h], dtype=torch.float64)
+            for ref in source.refexps(i):
+                gt = torch.tensor(source.objects(i)[ref["index"]]["box"]) / scale
+                good = paired_iou(boxes, gt.expand(len(boxes), 4)) >= GROUND_IOU
+                if good.any():
+                    self.items.append((i, ref["expression"], good))
+        if not self.items:
+            raise ValueError("no referring expression has a region with IoU >= 0.5")
+
+    def __call__(self, model: nn.Module, rng: np.random.Generator, n: int) -> dict[str, Tensor]:
+        chosen = [self.items[int(j)] for j in rng.integers(len(self.items), size=n)]
+        regions = [self.source.region_set(i) for i, _, _ in chosen]
+        device = model_device(model)
+        batch = collate([e for _, e, _ in chosen], regions, self.tokenizer, self.max_length)
+        good = torch.zeros(batch.region_mask.shape, dtype=torch.bool)
+        for row, (_, _, g) in enumerate(chosen):
+            good[row, : len(g)] = g
+        loss = grounding_loss(model.ground(batch.to(device)), good.to(device))
+        return {"loss": loss, "ground": loss.detach()}
+
+
+def make_step_loss(objectives: dict, batch_size: int):
+    """The loop's step_loss: objective `step % len(objectives)` (round robin)."""
+    names = list(objectives)
+
+    def step_loss(model: nn.Module, step: int, rng: np.random.Generator) -> dict[str, Tensor]:
+        return objectives[names[step % len(names)]](model, rng, batch_size)
+
+    return step_loss
+
+
+# ---- validation -----------------------------------------------------------------------------
+
+
+def make_evaluate(task: str, source: PairSource, answers, tokenizer, val_images: int, device):
+    """evaluate(model) for the loop: flat validation metrics and their mean as "score"."""
+    objectives = ROUND_ROBIN if task == "all" else (task,)
+
+    def evaluate(model: nn.Module) -> dict[str, float]:
+        common = dict(batch_size=64, device=device, max_images=val_images)
+        m: dict[str, float | None] = {}
+        if "vqa" in objectives:
+            m["vqa_accuracy"] = eval_vqa(model, tokenizer, answers, source, **common)["overall"]
+        if {"match", "retrieval"} & set(objectives):
+            out = eval_match(model, tokenizer, source, **common)
+            m["match_random"] = out["random"]["accuracy"]
+            m["match_hard"] = out["hard"]["accuracy"]
+            r = eval_retrieval(
+                model,
+                tokenizer,
+                source,
+                val_images,
+                rerank=10,
+                align_queries=0,
+                batch_size=64,
+                device=device,
+            )
+            m["retrieval_r1"] = r["two_stage"]["R@1"]
+        if "grounding" in objectives:
+            m["grounding_accuracy"] = eval_grounding(model, tokenizer, source, **common)["accuracy"]
+        kept = {k: float(v) for k, v in m.items() if v is not None}
+        kept["score"] = float(np.mean(list(kept.values()))) if kept else 0.0
+        return kept
+
+    return evaluate
+
+
+# ---- building the model ---------------------------------------------------------------------
+
+
+def _init_model(
+    store: ModelStore, init: str, backbone: str | None, source: PairSource, overrides: dict
+) -> tuple[nn.Module, Manifest | None]:
+    """A fresh model of `backbone` ("none") or the store entry `init`, with an answer head
+    over ANSWERS (re-initialised when the entry's vocabulary differs)."""
+    if init == "none":
+        if backbone not in ("vilbert", "lxmert"):
+            raise ValueError("init 'none' needs backbone 'vilbert' or 'lxmert'")
+        first = source.regions(0)
+        config = default_config(
+            backbone,
+            feature_dim=int(first.features.shape[-1]),
+            num_classes=int(first.class_probs.shape[-1]),
+            attributes={n: int(p.shape[-1]) for n, p in first.attributes.items()},
+            num_answers=len(ANSWERS),
+        )
+        return build_backbone(backbone, {**config, **overrides}), None
+    manifest = store.resolve(init)
+    if backbone is not None and backbone != manifest.kind:
+        raise ValueError(f"{manifest.ref} is a {manifest.kind}, not a {backbone}")
+    if manifest.kind not in NUM_ANSWERS_KEY:
+        raise ValueError(f"{manifest.ref} is a {manifest.kind}, not a vilbert or lxmert")
+    config = {**manifest.config, **overrides, NUM_ANSWERS_KEY[manifest.kind]: len(ANSWERS)}
+    model = build_backbone(manifest.kind, config)
+    state = store.load_tensors(manifest)
+    if list(manifest.answers or []) != list(ANSWERS):  # another vocabulary: a fresh head
+        state = {k: v for k, v in state.items() if not k.startswith("answer_head.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith("answer_head.") for k in missing):
+        raise ValueError(f"{manifest.ref} does not fit its own config: {missing or unexpected}")
+    return model, manifest
+
+
+def _detector(detector_ref, init: Manifest | None, sources: list[PairSource]) -> str | None:
+    """The detector all regions and the initial model must share."""
+    made_by = {s.features.meta.get("detector") for s in sources} - {None}
+    named = detector_ref or (init.detector if init else None) or next(iter(made_by), None)
+    if init and init.detector and init.detector != named:
+        raise ValueError(f"{init.ref} was trained on {init.detector}'s regions, not {named}'s")
+    if made_by - {named}:
+        raise ValueError(f"features come from {sorted(made_by)}, expected {named}")
+    return named
+
+
+def _fraction(source: PairSource, fraction: float, rng: np.random.Generator) -> PairSource:
+    if fraction >= 1.0:
+        return source
+    if fraction <= 0.0:
+        raise ValueError("label_fraction must be in (0, 1]")
+    keep = max(1, round(fraction * len(source)))
+    return source.subset(sorted(rng.permutation(len(source))[:keep].tolist()))
+
+
+# ---- run_finetune ---------------------------------------------------------------------------
+
+
+def run_finetune(
+    task: str,
+    init: str = "none",
+    *,
+    backbone: str | None = None,
+    features_dir: str | Path,
+    data_dir: str | Path,
+    store_root: str | Path,
+    detector_ref: str | None = None,
+    out_name: str | None = None,
+    steps: int = 2000,
+    batch_size: int = 32,
+    lr: float = 5e-5,
+    seed: int = 0,
+    label_fraction: float = 1.0,
+    include_easyvqa: bool = False,
+    config_overrides: dict | None = None,
+    checkpoint_dir: str | None = None,
+    device: str = "cpu",
+    command: str = "",
+    val_images: int = 200,
+    eval_every: int | None = None,
+    checkpoint_every: int = 200,
+    max_length: int = 40,
+    progress: bool = True,
+) -> Manifest:
+    """Fine-tune for `task` and write a model_store entry; returns its manifest.
+
+    task: "vqa" | "retrieval" | "grounding" | "match" | "all". init: "none" (a fresh
+    `backbone` of the demo size, `pretrain.default_config`) or a store reference
+    ("name" / "name@version") of a pretrained or fine-tuned entry. Training texts come
+    from <data_dir>/train.jsonl, regions from <features_dir>/train.safetensors; with
+    include_easyvqa, easy-VQA's train split (<features_dir>/easyvqa_train.safetensors)
+    joins VQA. Validation uses <data_dir>/val.jsonl and <features_dir>/val.safetensors
+    when both exist, every `eval_every` steps (default steps // 5); the entry keeps the
+    best validation state and its metrics as "val/<name>". label_fraction keeps that share
+    of the VQA training images. checkpoint_dir makes the run resumable. The entry holds
+    history.json (the loop's per-step history) for `run_eval`'s training curves.
+    """
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, not {task!r}")
+    store = ModelStore(store_root)
+    rng = np.random.default_rng(seed)
+    train_source = PairSource.load(data_dir, features_dir, "train")
+    torch.manual_seed(seed)
+    model, init_manifest = _init_model(
+        store, init, backbone, train_source, dict(config_overrides or {})
+    )
+    tokenizer = load_tokenizer()
+    objectives_wanted = ROUND_ROBIN if task == "all" else (task,)
+    sources = [train_source]
+    objectives = {}
+    for name in objectives_wanted:
+        if name == "vqa":
+            vqa_sources = [_fraction(train_source, label_fraction, rng)]
+            if include_easyvqa:
+                vqa_sources.append(
+                    _fraction(easyvqa_source(features_dir, "train"), label_fraction, rng)
+                )
+            sources += vqa_sources[1:]
+            objectives[name] = VqaObjective(vqa_sources, ANSWERS, tokenizer, max_length)
+        elif name == "grounding":
+            objectives[name] = GroundObjective(train_source, tokenizer, max_length)
+        else:
+            complete, hard = ALIGN_MIX[name]
+            objectives[name] = AlignObjective(train_source, tokenizer, complete, hard, max_length)
+    detector = _detector(detector_ref, init_manifest, sources)
+
+    evaluate = None
+    val = Path(data_dir) / "val.jsonl"
+    if val.is_file() and feature_path(features_dir, "val").is_file():
+        val_source = PairSource.load(data_dir, features_dir, "val")
+        evaluate = make_evaluate(task, val_source, ANSWERS, tokenizer, val_images, device)
+    cfg = TrainConfig(
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=seed,
+        eval_every=eval_every if eval_every is not None else max(1, steps // 5),
+        checkpoint_every=checkpoint_every if checkpoint_dir else 0,
+        checkpoint_dir=checkpoint_dir,
+        device=device,
+        progress=progress,
+    )
+    result = train(
+        model,
+        make_step_loss(objectives, batch_size),
+        cfg,
+        evaluate=evaluate,
+        select_metric="score" if evaluate else None,
+    )
+    recipe = {
+        "task": task,
+        "init": init_manifest.ref if init_manifest else "none",
+        "split": "train",
+        "images": len(train_source),
+        "vqa_images": [len(s) for s in objectives["vqa"].sources] if "vqa" in objectives else None,
+        "data_dir": str(data_dir),
+        "features": str(feature_path(features_dir, "train")),
+        "label_fraction": label_fraction,
+        "include_easyvqa": include_easyvqa,
+        "seed": seed,
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "max_length": max_length,
+        "objectives": list(objectives),
+        "align_mix": {k: ALIGN_MIX[k] for k in objectives if k in ALIGN_MIX},
+        "nce_temperature": NCE_TEMPERATURE,
+    }
+    metrics = {f"val/{k}": v for k, v in result.best_metrics.items()}
+    meta = dict(
+        detector=detector,
+        data=recipe,
+        command=command,
+        metrics=metrics,
+        tasks=SERVES[task],
+        answers=list(ANSWERS),
+    )
+    name = out_name or f"{model.kind}-{task}"
+    return _write_entry(store, name, model, result.history, meta)
+
+
+def _write_entry(store: ModelStore, name: str, model: nn.Module, history, meta) -> Manifest:
+    """Rank 0 writes the entry (weights, tokenizer files, history.json); others read it."""
+    distributed = dist.is_available() and dist.is_initialized()
+    ref = [None]
+    if not distributed or dist.get_rank() == 0:
+        with tempfile.TemporaryDirectory() as tmp:
+            load_tokenizer().save_pretrained(tmp)
+            tok_files = {p.name: p for p in Path(tmp).iterdir() if p.is_file()}
+            manifest = store.write(
+                name,
+                model.kind,
+                {"model.safetensors": model.state_dict()},
+                config=asdict(model.config),
+                extra_files={**tok_files, "history.json": json.dumps(history).encode()},
+                tokenizer=sorted(tok_files),
+                **meta,
+            )
+        ref = [manifest.ref]
+    if distributed:
+        dist.broadcast_object_list(ref, src=0)
+    return store.resolve(ref[0])

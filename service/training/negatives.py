@@ -1,0 +1,332 @@
+"""Negative captions for matching and retrieval: false for a scene, by construction and check.
+
+A hard negative is the scene's complete caption (the first caption of a shapes-world
+record) with exactly one thing changed:
+
+    color, size, shape   one object's attribute takes another value
+    count                one group of identical objects gains or loses one member
+    relation             the stated relation turns to its opposite (left of <-> right of,
+                         above <-> below)
+
+The change is made on the parsed caption (`parse_caption`) and rendered back to text.
+Every candidate is then checked against the objects by `caption_holds`, which reads the
+text alone, and is kept only when that check finds it false. A random negative is
+another image's caption that the same check finds false for this image.
+
+How captions are read (the grammar of `service.data.language.captions`):
+
+- A listing ("a small red circle, two large blue triangles and a green shape") names
+  every object of the scene, grouped by the attributes it states: it holds when the
+  objects, described by those attributes, are exactly the listed multiset.
+- A relation ("the small red circle is left of the large blue triangle", or "a red
+  circle above a blue shape") holds when some object matching the first description
+  stands in that strict relation to another object matching the second.
+- "<n> shapes on a pastel background" holds when the scene has n objects.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+from service.data.language import NUMBER_WORDS, RELATIONS, phrase, plural, relation_holds
+from service.data.shapes import COLORS, SHAPES, SIZES, ShapeObject
+
+NEGATIVE_KINDS = ("color", "size", "shape", "count", "relation")
+OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
+ATTRIBUTE_VALUES = {"size": SIZES, "color": tuple(COLORS), "shape": SHAPES}
+_SLOT = {"size": 0, "color": 1, "shape": 2}
+_REL = "|".join(RELATIONS)
+_RELATION_SENTENCE = re.compile(rf"^(the|an?) (.+?) is ({_REL}) (the|an?) (.+)$")
+_RELATION_PHRASE = re.compile(rf"^(an?) (.+?) ({_REL}) (an?) (.+)$")
+_BACKGROUND = re.compile(r"^(\w+) shapes? on a pastel background$")
+
+Desc = tuple[str | None, str | None, str | None]  # (size, colour, shape); None = unsaid
+
+
+@dataclass(frozen=True)
+class Relation:
+    subject: Desc
+    relation: str  # one of language.RELATIONS
+    object: Desc
+    article: str  # "the" or "a": how the caption names both sides
+    copula: bool = True  # "X is left of Y" (True) or "a X left of a Y" (False)
+
+
+@dataclass(frozen=True)
+class Caption:
+    """A parsed caption: a listing (groups of identical descriptions), a relation, or both.
+
+    `total` is set for "<n> shapes on a pastel background" and nothing else.
+    """
+
+    groups: tuple[tuple[Desc, int], ...] = ()  # (description, count), in caption order
+    relation: Relation | None = None
+    total: int | None = None
+
+
+@dataclass(frozen=True)
+class Negative:
+    text: str
+    kind: str  # one of NEGATIVE_KINDS, or "random"
+
+
+# ---------------------------------------------------------------- parsing and rendering
+
+
+def _parse_desc(words: str) -> Desc:
+    """'small red circle' -> ('small', 'red', 'circle'); 'red shape' -> (None, 'red', None)."""
+    parts = words.split()
+    if not parts:
+        raise ValueError("empty description")
+    head = parts[-1]
+    if head != "shape" and head not in SHAPES:
+        raise ValueError(f"{words!r} does not end in a shape")
+    size = color = None
+    for w in parts[:-1]:
+        if w in SIZES and size is None and color is None:
+            size = w
+        elif w in COLORS and color is None:
+            color = w
+        else:
+            raise ValueError(f"unexpected word {w!r} in {words!r}")
+    return (size, color, None if head == "shape" else head)
+
+
+def _parse_group(text: str) -> tuple[Desc, int]:
+    first, _, rest = text.partition(" ")
+    if first in ("a", "an"):
+        return _parse_desc(rest), 1
+    if first not in NUMBER_WORDS[2:]:
+        raise ValueError(f"cannot read the count of {text!r}")
+    if not rest.endswith("s"):
+        raise ValueError(f"plural expected in {text!r}")
+    return _parse_desc(rest[:-1]), NUMBER_WORDS.index(first)
+
+
+def _parse_listing(text: str) -> tuple[tuple[Desc, int], ...]:
+    return tuple(_parse_group(p) for p in text.replace(" and ", ", ").split(", "))
+
+
+def _article(word: str) -> str:
+    return "the" if word == "the" else "a"
+
+
+def parse_caption(text: str) -> Caption:
+    """Read a shapes-world caption into its claims; ValueError for any other text."""
+    text = text.strip()
+    if m := _BACKGROUND.match(text):
+        if m[1] not in NUMBER_WORDS:
+            raise ValueError(f"unknown number word in {text!r}")
+        return Caption(total=NUMBER_WORDS.index(m[1]))
+    listing, _, sentence = text.partition(". ")
+    if sentence:
+        m = _RELATION_SENTENCE.match(sentence)
+        if not m or _article(m[1]) != _article(m[4]):
+            raise ValueError(f"cannot read the relation in {text!r}")
+        rel = Relation(_parse_desc(m[2]), m[3], _parse_desc(m[5]), _article(m[1]))
+        return Caption(groups=_parse_listing(listing), relation=rel)
+    if m := _RELATION_PHRASE.match(text):
+        try:
+            rel = Relation(_parse_desc(m[2]), m[3], _parse_desc(m[5]), "a", copula=False)
+            return Caption(relation=rel)
+        except ValueError:
+            pass  # not a relation phrase after all: read it as a listing
+    return Caption(groups=_parse_listing(text))
+
+
+def _named(d: Desc, article: str) -> str:
+    p = phrase(d)
+    if article == "the":
+        return "the " + p
+    return ("an " if p[0] in "aeiou" else "a ") + p
+
+
+def _render_listing(groups: Sequence[tuple[Desc, int]]) -> str:
+    parts = [_named(d, "a") if k == 1 else f"{NUMBER_WORDS[k]} {plural(d)}" for d, k in groups]
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def render_caption(c: Caption) -> str:
+    """The text of a parsed caption; `render_caption(parse_caption(t)) == t` for captions."""
+    if c.total is not None:
+        noun = "shape" if c.total == 1 else "shapes"
+        return f"{NUMBER_WORDS[c.total]} {noun} on a pastel background"
+    r = c.relation
+    if not c.groups:
+        return f"{_named(r.subject, 'a')} {r.relation} {_named(r.object, 'a')}"
+    listing = _render_listing(c.groups)
+    if r is None:
+        return listing
+    return (
+        f"{listing}. {_named(r.subject, r.article)} is {r.relation} {_named(r.object, r.article)}"
+    )
+
+
+# ---------------------------------------------------------------- truth
+
+
+def _as_object(o: ShapeObject | dict) -> ShapeObject:
+    if isinstance(o, ShapeObject):
+        return o
+    return ShapeObject(o["shape"], o["color"], o.get("size"), tuple(o["box"]))
+
+
+def _fits(o: ShapeObject, d: Desc) -> bool:
+    return all(v is None or v == w for v, w in zip(d, (o.size, o.color, o.shape), strict=True))
+
+
+def _project(o: ShapeObject, slots: set[int]) -> Desc:
+    full = (o.size, o.color, o.shape)
+    return tuple(full[k] if k in slots else None for k in range(3))
+
+
+def _listing_holds(groups: Sequence[tuple[Desc, int]], objects: list[ShapeObject]) -> bool:
+    said = {k for d, _ in groups for k in range(3) if d[k] is not None}
+    listed: Counter = Counter()
+    for d, n in groups:
+        listed[d] += n
+    return listed == Counter(_project(o, said) for o in objects)
+
+
+def _relation_holds(r: Relation, objects: list[ShapeObject]) -> bool:
+    return any(
+        a is not b
+        and _fits(a, r.subject)
+        and _fits(b, r.object)
+        and relation_holds(a.box, b.box, r.relation)
+        for a in objects
+        for b in objects
+    )
+
+
+def caption_holds(text: str, objects: Sequence[ShapeObject | dict]) -> bool:
+    """Whether a caption is true of the objects (records' dicts or ShapeObjects).
+
+    Reads the text alone (nothing of how it was made), with the semantics in the module
+    docstring; a listing must name every object, so it fails when an object is missing.
+    """
+    c = parse_caption(text)
+    objs = [_as_object(o) for o in objects]
+    if c.total is not None:
+        return len(objs) == c.total
+    if c.groups and not _listing_holds(c.groups, objs):
+        return False
+    return c.relation is None or _relation_holds(c.relation, objs)
+
+
+# ---------------------------------------------------------------- hard negatives
+
+
+def _with_desc(d: Desc, attr: str, value: str) -> Desc:
+    out = list(d)
+    out[_SLOT[attr]] = value
+    return tuple(out)
+
+
+def _change_attribute(c: Caption, attr: str) -> list[Caption]:
+    """One object of one group takes another value of `attr` (only where the caption says it)."""
+    out = []
+    for g, (d, n) in enumerate(c.groups):
+        old = d[_SLOT[attr]]
+        if old is None:
+            continue
+        for value in ATTRIBUTE_VALUES[attr]:
+            if value == old:
+                continue
+            new = _with_desc(d, attr, value)
+            changed = [(d, n - 1), (new, 1)] if n > 1 else [(new, 1)]
+            groups = [*c.groups[:g], *changed, *c.groups[g + 1 :]]
+            rel = c.relation
+            if rel is not None and n == 1:  # the relation names that object: rename it there
+                rel = replace(
+                    rel,
+                    subject=new if rel.subject == d else rel.subject,
+                    object=new if rel.object == d else rel.object,
+                )
+            out.append(_merged(replace(c, groups=tuple(groups), relation=rel)))
+    return out
+
+
+def _merged(c: Caption) -> Caption:
+    """Merge groups with equal descriptions (first appearance order), as captions group."""
+    counts: dict[Desc, int] = {}
+    for d, n in c.groups:
+        if n:
+            counts[d] = counts.get(d, 0) + n
+    return replace(c, groups=tuple(counts.items()))
+
+
+def _change_count(c: Caption) -> list[Caption]:
+    """One group gains a member, or loses one while at least one stays."""
+    out = []
+    for g, (d, n) in enumerate(c.groups):
+        for m in (n + 1, n - 1):
+            if 1 <= m < len(NUMBER_WORDS):
+                out.append(replace(c, groups=(*c.groups[:g], (d, m), *c.groups[g + 1 :])))
+    return out
+
+
+def _change_relation(c: Caption) -> list[Caption]:
+    if c.relation is None:
+        return []
+    return [replace(c, relation=replace(c.relation, relation=OPPOSITE[c.relation.relation]))]
+
+
+def hard_negatives(
+    caption: str, objects: Sequence[ShapeObject | dict], kinds: Sequence[str] = NEGATIVE_KINDS
+) -> list[Negative]:
+    """Every one-change variant of `caption` that is false for `objects`, deduplicated."""
+    c = parse_caption(caption)
+    makers = {
+        "color": lambda: _change_attribute(c, "color"),
+        "size": lambda: _change_attribute(c, "size"),
+        "shape": lambda: _change_attribute(c, "shape"),
+        "count": lambda: _change_count(c),
+        "relation": lambda: _change_relation(c),
+    }
+    out: dict[str, Negative] = {}
+    for kind in kinds:
+        for variant in makers[kind]():
+            text = render_caption(variant)
+            if text not in out and text != caption and not caption_holds(text, objects):
+                out[text] = Negative(text, kind)
+    return list(out.values())
+
+
+def sample_hard_negative(
+    caption: str,
+    objects: Sequence[ShapeObject | dict],
+    rng: np.random.Generator,
+    kinds: Sequence[str] = NEGATIVE_KINDS,
+) -> Negative | None:
+    """One hard negative: a kind drawn uniformly among those the caption allows, then a
+    variant of that kind; None when no change makes the caption false."""
+    by_kind: dict[str, list[Negative]] = {}
+    for n in hard_negatives(caption, objects, kinds):
+        by_kind.setdefault(n.kind, []).append(n)
+    if not by_kind:
+        return None
+    options = by_kind[list(by_kind)[int(rng.integers(len(by_kind)))]]
+    return options[int(rng.integers(len(options)))]
+
+
+def random_negative(
+    objects: Sequence[ShapeObject | dict],
+    candidates: Sequence[str],
+    rng: np.random.Generator,
+    tries: int = 20,
+) -> Negative | None:
+    """A caption drawn from `candidates` (other images' captions) that is false for
+    `objects`; None when `tries` draws found none."""
+    if not candidates:
+        return None
+    for _ in range(tries):
+        text = candidates[int(rng.integers(len(candidates)))]
+        if not caption_holds(text, objects):
+            return Negative(text, "random")
+    return None
