@@ -12,7 +12,13 @@ from fastapi import FastAPI, Request
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.api import galleries, ground, health, match, models, page, vqa
-from service.api.errors import error_response, install_error_handlers, internal_error, request_id
+from service.api.errors import (
+    ERROR_RESPONSES,
+    error_response,
+    install_error_handlers,
+    internal_error,
+    request_id,
+)
 from service.config import Settings
 from service.runtime.engine import Engine
 
@@ -40,7 +46,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = engine
     install_error_handlers(app)
     for module in (vqa, match, ground, galleries, models, health, page):
-        app.include_router(module.router)
+        app.include_router(module.router, responses=ERROR_RESPONSES)
     _install_middleware(app, settings, engine)
     app.add_middleware(CancelOnDisconnect, on_cancel=_count_hang_up(engine))
     return app

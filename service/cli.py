@@ -63,6 +63,88 @@ def _store_verify(args: argparse.Namespace) -> None:
         print(f"ok  {m.ref}")
 
 
+def _command_line() -> str:
+    return "vqa " + " ".join(sys.argv[1:])
+
+
+def _train_pretrain(args: argparse.Namespace) -> None:
+    from service.training.pretrain import run_pretrain
+
+    m = run_pretrain(
+        args.backbone,
+        features_dir=args.features,
+        data_dir=args.data,
+        store_root=args.store,
+        detector_ref=args.detector,
+        out_name=args.name,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        init_text=args.init_text,
+        checkpoint_dir=args.checkpoint_dir,
+        device=args.device,
+        command=_command_line(),
+    )
+    print(f"wrote {m.ref} to {m.path}")
+
+
+def _train_finetune(args: argparse.Namespace) -> None:
+    from service.training.finetune import run_finetune
+
+    m = run_finetune(
+        args.task,
+        args.init,
+        backbone=args.backbone,
+        features_dir=args.features,
+        data_dir=args.data,
+        store_root=args.store,
+        detector_ref=args.detector,
+        out_name=args.name,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        label_fraction=args.label_fraction,
+        include_easyvqa=args.include_easyvqa,
+        checkpoint_dir=args.checkpoint_dir,
+        device=args.device,
+        command=_command_line(),
+    )
+    print(f"wrote {m.ref} to {m.path}")
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from service.training.evaluate import run_eval
+
+    metrics = run_eval(
+        args.model,
+        args.store,
+        args.task,
+        features_dir=args.features,
+        data_dir=args.data,
+        split=args.split,
+        gallery_size=args.gallery_size,
+        device=args.device,
+        out_dir=args.out,
+    )
+    print(json.dumps(metrics, indent=2, sort_keys=True))
+
+
+def _add_training_args(p: argparse.ArgumentParser, steps: int, lr: float) -> None:
+    p.add_argument("--features", default="data/features", help="region features folder")
+    p.add_argument("--data", default="data/shapes", help="shapes-world data folder")
+    p.add_argument("--store", default="model_store")
+    p.add_argument("--detector", default=None, help="name@version the features came from")
+    p.add_argument("--name", default=None, help="model_store name of the result")
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=lr)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--checkpoint-dir", default=None, help="resume from / save to here")
+    p.add_argument("--device", default="cpu")
+
+
 def _serve(args: argparse.Namespace) -> None:
     try:
         from service.app import run_server
@@ -86,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-wait-ms", type=float, default=None)
     serve.add_argument("--max-queue", type=int, default=None)
     serve.add_argument("--timeout-s", type=float, default=None)
+    serve.add_argument("--drain-timeout-s", type=float, default=None)
     serve.set_defaults(func=_serve)
 
     data = sub.add_parser("data", help="generate and inspect data sets")
@@ -105,6 +188,38 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("--n", type=int, default=16)
     preview.set_defaults(func=_data_preview)
 
+    train = sub.add_parser("train", help="offline training: pretrain, finetune")
+    train_sub = train.add_subparsers(dest="train_command", required=True)
+    pre = train_sub.add_parser("pretrain", help="pretrain a backbone on captions")
+    pre.add_argument("--backbone", choices=["vilbert", "lxmert"], required=True)
+    pre.add_argument("--init-text", default=None, help="BERT folder for ViLBERT's text stream")
+    _add_training_args(pre, steps=3000, lr=1e-4)
+    pre.set_defaults(func=_train_pretrain)
+    fine = train_sub.add_parser("finetune", help="fine-tune for vqa, retrieval, grounding, match")
+    fine.add_argument(
+        "--task", choices=["vqa", "retrieval", "grounding", "match", "all"], default="all"
+    )
+    fine.add_argument("--init", default="none", help="pretrained model ref, or none")
+    fine.add_argument("--backbone", choices=["vilbert", "lxmert"], default=None)
+    fine.add_argument("--label-fraction", type=float, default=1.0)
+    fine.add_argument("--include-easyvqa", action="store_true")
+    _add_training_args(fine, steps=2000, lr=5e-5)
+    fine.set_defaults(func=_train_finetune)
+
+    ev = sub.add_parser("eval", help="evaluate a model on a held-out split")
+    ev.add_argument("--model", required=True, help="name or name@version")
+    ev.add_argument(
+        "--task", choices=["vqa", "retrieval", "grounding", "match", "all"], default="all"
+    )
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--features", default="data/features")
+    ev.add_argument("--data", default="data/shapes")
+    ev.add_argument("--store", default="model_store")
+    ev.add_argument("--gallery-size", type=int, default=1000)
+    ev.add_argument("--device", default="cpu")
+    ev.add_argument("--out", default=None, help="metrics.json and plots (default docs/experiments)")
+    ev.set_defaults(func=_eval)
+
     store = sub.add_parser("store", help="inspect the model store")
     store.add_argument("--store", default="model_store")
     store_sub = store.add_subparsers(dest="store_command", required=True)
@@ -117,11 +232,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from service.errors import ServiceError
+    from service.store import StoreError
+
     try:
         args.func(args)
     except CliError as exc:
         print(f"vqa: {exc}", file=sys.stderr)
         return 2
+    except (StoreError, ServiceError, FileNotFoundError) as exc:
+        print(f"vqa: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -15,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.api.schemas import ErrorResponse
 from service.runtime import errors as rt
 from service.runtime.engine import ReloadFailed
 
@@ -40,6 +41,24 @@ STATUS = [
     (rt.RequestTimeout, 504, "timeout"),
     (ReloadFailed, 500, "reload_failed"),
 ]
+
+
+# What every route may answer besides its success, for OpenAPI (one JSON error shape).
+ERROR_RESPONSES: dict[int | str, dict] = {
+    status: {"model": ErrorResponse, "description": text}
+    for status, text in [
+        (400, "Bad image: corrupt, unsupported format, zero size or too many pixels"),
+        (401, "Missing or wrong API key (writes, when VQA_API_KEY is set)"),
+        (404, "Unknown model, gallery, image id or route"),
+        (409, "The gallery or image id exists already"),
+        (413, "The body is over the limit"),
+        (415, "The content type is not accepted"),
+        (422, "The request does not match its schema"),
+        (500, "Internal error or failed model batch; the message quotes the request id"),
+        (503, "Queue full, starting or draining: retry after Retry-After seconds"),
+        (504, "No result within the request timeout"),
+    ]
+}
 
 
 def _retry_after(exc: Exception) -> str:

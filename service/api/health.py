@@ -1,7 +1,7 @@
 """Liveness, readiness and Prometheus metrics."""
 
 from fastapi import APIRouter
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.api.deps import EngineDep
@@ -24,7 +24,7 @@ async def readyz(engine: EngineDep):
     return JSONResponse(body, status_code=503, headers={"Retry-After": "1"})
 
 
-@router.get("/metrics")
+@router.get("/metrics", response_class=PlainTextResponse)
 async def metrics(engine: EngineDep) -> Response:
     """Prometheus metrics: requests, queue depth, batch sizes, latency per stage."""
     return Response(generate_latest(engine.metrics.registry), media_type=CONTENT_TYPE_LATEST)

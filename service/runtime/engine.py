@@ -96,6 +96,11 @@ class Engine:
         manifests = [m for m in self.store.latest() if m.kind != "detector"]
         if names:
             manifests = [resolve(self.store, n) for n in names]
+        if not manifests:
+            raise NotFound(
+                f"the model store {self.store.root} holds no ViLBERT or LXMERT model; "
+                "train one (vqa train ...) or point VQA_STORE / --store at a store that has one"
+            )
         for m in manifests:
             detector, self.backbones[m.ref] = self._load(m)
             if detector is not None:

@@ -311,12 +311,23 @@ def _init_model(
     config = {**manifest.config, **overrides, NUM_ANSWERS_KEY[manifest.kind]: len(ANSWERS)}
     model = build_backbone(manifest.kind, config)
     state = store.load_tensors(manifest)
-    if list(manifest.answers or []) != list(ANSWERS):  # another vocabulary: a fresh head
-        state = {k: v for k, v in state.items() if not k.startswith("answer_head.")}
+    fresh = ()
+    if list(manifest.answers or []) != list(ANSWERS):  # another vocabulary: a fresh classifier
+        fresh = _answer_classifier_keys(model)
+        state = {k: v for k, v in state.items() if k not in fresh}
     missing, unexpected = model.load_state_dict(state, strict=False)
-    if unexpected or any(not k.startswith("answer_head.") for k in missing):
+    if unexpected or set(missing) != set(fresh):
         raise ValueError(f"{manifest.ref} does not fit its own config: {missing or unexpected}")
     return model, manifest
+
+
+def _answer_classifier_keys(model: nn.Module) -> tuple[str, ...]:
+    """State keys of the answer head's last Linear: the layer sized by the vocabulary."""
+    last = [n for n, m in model.answer_head.named_modules() if isinstance(m, nn.Linear)][-1]
+    return tuple(
+        f"answer_head.{last}.{p}"
+        for p, _ in model.answer_head.get_submodule(last).named_parameters()
+    )
 
 
 def _detector(detector_ref, init: Manifest | None, sources: list[PairSource]) -> str | None:

@@ -88,6 +88,11 @@ def test_each_objective_falls_when_fitting_a_batch(split, kind):
         curve = [h[part] for h in result.history]
         first, last = np.mean(curve[:5]), np.mean(curve[-5:])
         assert last < 0.9 * first, f"{part}: {first:.3f} -> {last:.3f}"
+    # the alignment head learnt the backbone's convention: match() is higher when matched
+    model = result.model.eval()
+    with torch.no_grad():
+        scores = model.match(batch)
+    assert scores[targets.matched].mean() > scores[~targets.matched].mean()
 
 
 @pytest.mark.parametrize("kind", KINDS)

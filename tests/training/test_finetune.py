@@ -1,0 +1,268 @@
+"""Fine-tuning: the objectives on hand-made cases, tiny runs that learn, and the store entry."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from service.data.features import write_feature_file
+from service.data.language import ANSWERS
+from service.data.records import load_records, write_records
+from service.data.shapes import (
+    COLORS,
+    SHAPES,
+    SIZE_RANGES,
+    SIZES,
+    ShapeObject,
+    scene_from_objects,
+    scene_record,
+)
+from service.models.backbone import build_backbone
+from service.store import ModelStore
+from service.training.evaluate import run_eval
+from service.training.finetune import grounding_loss, info_nce, run_finetune, vqa_loss
+from tests.training.pretrain_support import (
+    DETECTOR,
+    synthetic_regions,
+    tiny_overrides,
+    write_tiny_split,
+)
+
+
+def _single_object_split(root: Path, split: str, n: int, seed: int) -> None:
+    """Scenes of one object asked only its colour and shape: answers that need the image."""
+    rng = np.random.default_rng(seed)
+    records = []
+    for i in range(n):
+        size = SIZES[rng.integers(2)]
+        lo, hi = SIZE_RANGES[size]
+        side = int(rng.integers(int(lo * 64) + 1, int(hi * 64)))
+        x, y = (int(v) for v in rng.integers(2, 62 - side, 2))
+        obj = ShapeObject(
+            SHAPES[rng.integers(3)], list(COLORS)[rng.integers(8)], size, (x, y, x + side, y + side)
+        )
+        r = scene_record(scene_from_objects([obj], 64), rng, "x.png", f"{split}_{i}")
+        r["questions"] = [q for q in r["questions"] if q["family"] in ("color", "shape")]
+        records.append(r)
+    write_records(root / "data" / f"{split}.jsonl", records)
+    g = np.random.default_rng(seed)
+    write_feature_file(
+        root / "features" / f"{split}.safetensors",
+        [r["id"] for r in records],
+        [synthetic_regions(r, g) for r in records],
+        {"detector": DETECTOR},
+    )
+
+
+def _prior_accuracy(train: list[dict], test: list[dict]) -> float:
+    """Accuracy of answering each family's most frequent training answer."""
+    by_family: dict[str, Counter] = {}
+    for r in train:
+        for q in r["questions"]:
+            by_family.setdefault(q["family"], Counter())[q["answer"]] += 1
+    prior = {f: c.most_common(1)[0][0] for f, c in by_family.items()}
+    qs = [q for r in test for q in r["questions"]]
+    return sum(prior[q["family"]] == q["answer"] for q in qs) / len(qs)
+
+
+def _train_losses(manifest, key: str) -> list[float]:
+    history = json.loads((manifest.path / "history.json").read_text())
+    return [h[key] for h in history if h["kind"] == "train" and key in h]
+
+
+# ---- objectives on hand-made numbers -------------------------------------------------------
+
+
+def test_vqa_loss_is_mean_bce_times_answers():
+    logits = torch.tensor([[2.0, -1.0, 0.0], [0.5, 0.5, -3.0]])
+    targets = torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.3, 1.0]])
+    per = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    assert vqa_loss(logits, targets).item() == pytest.approx(per.sum().item() / 2)
+
+
+def test_info_nce_leaves_identical_captions_out_of_the_negatives():
+    # texts 0 and 1 are the same caption and images 0 and 1 look alike: without the mask
+    # each would be pushed away from the other's image
+    t = F.normalize(torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]), dim=-1)
+    v = t.clone()
+    same = torch.tensor([[1, 1, 0], [1, 1, 0], [0, 0, 1]], dtype=torch.bool)
+    masked = info_nce(t, v, same, temperature=0.05)
+    plain = info_nce(t, v, torch.eye(3, dtype=torch.bool), temperature=0.05)
+    assert masked.item() < 1e-6 < plain.item()
+    assert plain.item() == pytest.approx(2 / 3 * np.log(2), rel=1e-4)
+
+
+def test_grounding_loss_counts_every_acceptable_region():
+    logits = torch.tensor([[0.0, 0.0, 0.0, -1e30]])  # 3 real regions, 1 padded
+    one = torch.tensor([[True, False, False, False]])
+    two = torch.tensor([[True, True, False, False]])
+    assert grounding_loss(logits, one).item() == pytest.approx(np.log(3))
+    assert grounding_loss(logits, two).item() == pytest.approx(np.log(3 / 2))
+
+
+# ---- tiny runs ----------------------------------------------------------------------------
+
+
+def test_vqa_finetune_learns_to_read_the_image(tmp_path):
+    for split, n, seed in (("train", 64, 0), ("val", 16, 1), ("test", 48, 2)):
+        _single_object_split(tmp_path, split, n, seed)
+    data, features = tmp_path / "data", tmp_path / "features"
+    m = run_finetune(
+        "vqa",
+        "none",
+        backbone="vilbert",
+        features_dir=features,
+        data_dir=data,
+        store_root=tmp_path / "store",
+        out_name="tiny-vqa",
+        steps=100,
+        batch_size=16,
+        lr=3e-3,
+        seed=0,
+        config_overrides=tiny_overrides("vilbert"),
+        command="vqa train finetune --task vqa",
+        progress=False,
+    )
+    losses = _train_losses(m, "vqa")
+    assert np.mean(losses[-10:]) < 0.7 * np.mean(losses[:10])
+    # the manifest describes the entry
+    assert m.tasks == ["vqa"] and m.answers == list(ANSWERS) and m.detector == DETECTOR
+    assert m.data["seed"] == 0 and m.data["label_fraction"] == 1.0 and m.data["init"] == "none"
+    assert m.command == "vqa train finetune --task vqa"
+    assert 0.0 <= m.metrics["val/vqa_accuracy"] <= 1.0
+    # held out: better than answering each family's most common training answer
+    results = run_eval(
+        m.ref, tmp_path / "store", "vqa", features, data, out_dir=tmp_path / "out", progress=False
+    )
+    prior = _prior_accuracy(load_records(data, "train"), load_records(data, "test"))
+    assert results["vqa"]["overall"] > prior + 0.1, (results["vqa"], prior)
+
+
+def test_all_tasks_round_robin_lowers_every_loss(tmp_path):
+    data, features = write_tiny_split(tmp_path, "train", n=32)
+    m = run_finetune(
+        "all",
+        "none",
+        backbone="lxmert",
+        features_dir=features,
+        data_dir=data,
+        store_root=tmp_path / "store",
+        steps=90,
+        batch_size=12,
+        lr=2e-3,
+        seed=0,
+        config_overrides=tiny_overrides("lxmert"),
+        progress=False,
+    )
+    assert m.name == "lxmert-all"
+    assert m.tasks == ["vqa", "match", "ground", "retrieval"]
+    for part in ("vqa", "match", "nce", "ground"):
+        losses = _train_losses(m, part)
+        assert len(losses) == 30, part  # one objective per step, in turn
+        assert np.mean(losses[-5:]) < np.mean(losses[:5]), (part, losses)
+    # the manifest alone rebuilds the trained model
+    store = ModelStore(tmp_path / "store")
+    rebuilt = build_backbone(m.kind, m.config)
+    rebuilt.load_state_dict(store.load_tensors(m))
+    assert rebuilt.config.num_qa_labels == len(ANSWERS)
+
+
+# ---- options and checks -------------------------------------------------------------------
+
+
+def _random_entry(store_root: Path, answers, detector: str) -> str:
+    torch.manual_seed(1)
+    cfg = tiny_overrides("vilbert")
+    cfg["num_answers"] = len(answers)
+    model = build_backbone("vilbert", cfg)
+    m = ModelStore(store_root).write(
+        "pre",
+        "vilbert",
+        {"model.safetensors": model.state_dict()},
+        config=cfg,
+        answers=list(answers),
+        detector=detector,
+        tasks=["pretrain"],
+    )
+    return m.ref
+
+
+def test_init_from_a_store_entry_keeps_its_weights_and_resizes_the_answer_head(tmp_path):
+    data, features = write_tiny_split(tmp_path, "train", n=8)
+    store = ModelStore(tmp_path / "store")
+    ref = _random_entry(store.root, ["yes", "no"], DETECTOR)
+    m = run_finetune(
+        "vqa",
+        ref,
+        features_dir=features,
+        data_dir=data,
+        store_root=store.root,
+        out_name="from-pre",
+        steps=0,
+        batch_size=4,
+        lr=1e-3,
+        progress=False,
+    )
+    before, after = store.load_tensors(store.resolve(ref)), store.load_tensors(m)
+    assert m.kind == "vilbert" and m.data["init"] == ref and m.detector == DETECTOR
+    assert m.config["num_answers"] == len(ANSWERS)
+    for key, value in before.items():
+        if key.startswith("answer_head.mlp.3"):
+            assert after[key].shape[0] == len(ANSWERS)
+        else:
+            assert torch.equal(after[key], value), key
+
+
+def test_init_trained_on_another_detector_is_refused(tmp_path):
+    data, features = write_tiny_split(tmp_path, "train", n=8)
+    ref = _random_entry(tmp_path / "store", ANSWERS, "other-detector@3")
+    with pytest.raises(ValueError, match="other-detector@3"):
+        run_finetune(
+            "vqa",
+            ref,
+            features_dir=features,
+            data_dir=data,
+            store_root=tmp_path / "store",
+            steps=0,
+            batch_size=4,
+            lr=1e-3,
+            progress=False,
+        )
+
+
+def test_label_fraction_keeps_that_share_of_vqa_images(tmp_path):
+    data, features = write_tiny_split(tmp_path, "train", n=40)
+    common = dict(
+        backbone="lxmert",
+        features_dir=features,
+        data_dir=data,
+        store_root=tmp_path / "s",
+        steps=1,
+        batch_size=4,
+        lr=1e-3,
+        config_overrides=tiny_overrides("lxmert"),
+        progress=False,
+    )
+    tenth = run_finetune("vqa", "none", label_fraction=0.1, **common)
+    assert tenth.data["vqa_images"] == [4] and tenth.data["images"] == 40
+    full = run_finetune("vqa", "none", **common)
+    assert full.data["vqa_images"] == [40]
+    with pytest.raises(ValueError):
+        run_finetune("vqa", "none", label_fraction=0.0, **common)
+
+
+def test_unknown_task_and_missing_backbone_are_refused(tmp_path):
+    data, features = write_tiny_split(tmp_path, "train", n=4)
+    common = dict(
+        features_dir=features, data_dir=data, store_root=tmp_path / "s", steps=0, progress=False
+    )
+    with pytest.raises(ValueError, match="task"):
+        run_finetune("captioning", "none", backbone="vilbert", **common)
+    with pytest.raises(ValueError, match="backbone"):
+        run_finetune("vqa", "none", **common)
