@@ -139,10 +139,13 @@ def train(
     `evaluate(model)` runs every cfg.eval_every steps and after the last step (model in
     eval mode, no grad). With `select_metric` the returned model holds the state of the
     evaluation where that metric was highest, and best_metrics are that evaluation's;
-    otherwise the last state and the last evaluation's metrics.
+    otherwise the last state and the last evaluation's metrics. Seeds torch's global
+    generator with cfg.seed + rank (dropout draws from it).
     """
     rank, world = _rank_and_world()
     device = _device(cfg.device)
+    if device.type == "cuda" and world > 1:
+        torch.cuda.set_device(device)  # NCCL collectives run on the current device
     model.to(device)
     torch.manual_seed(cfg.seed + rank)  # dropout and anything else drawn from torch
     rng = np.random.default_rng(cfg.seed + rank)

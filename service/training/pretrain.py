@@ -29,6 +29,9 @@ LXMERT (Tan & Bansal 2019; airsplay/lxmert's LXRTPretraining):
   regions and weighted 1/0.15, as the reference (mean over all boxes x 1/0.15, so about
   the mean over the masked ones); mlm, match and qa have weight 1.
 
+As in both reference codes, the masked-token and masked-region losses apply to every
+pair, matched or not; only LXMERT's QA loss is restricted to matched pairs.
+
 MLM logits are computed at the masked positions only (a 30,522-word decoder over every
 token would dominate a CPU step); the loss is the same.
 """
