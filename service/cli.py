@@ -115,6 +115,8 @@ def _train_finetune(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
+    if args.what == "detector":
+        return _eval_detector(args)
     from service.training.evaluate import run_eval
 
     metrics = run_eval(
@@ -122,13 +124,67 @@ def _eval(args: argparse.Namespace) -> None:
         args.store,
         args.task,
         features_dir=args.features,
-        data_dir=args.data,
+        data_dir=args.data or "data/shapes",
         split=args.split,
         gallery_size=args.gallery_size,
         device=args.device,
         out_dir=args.out,
     )
     print(json.dumps(metrics, indent=2, sort_keys=True))
+
+
+def _train_detector(args: argparse.Namespace) -> None:
+    from service.training.detector_ops import run_train_detector
+
+    m = run_train_detector(
+        args.data,
+        args.store,
+        out_name=args.name,
+        config_overrides=json.loads(args.config) if args.config else None,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        include_easyvqa=args.easyvqa,
+        eval_every=args.eval_every,
+        device=args.device,
+        command=_command_line(),
+        half=not args.float32,
+    )
+    print(f"wrote {m.ref} to {m.path}")
+    print(json.dumps(m.metrics, indent=2, sort_keys=True))
+
+
+def _eval_detector(args: argparse.Namespace) -> None:
+    from service.training.detector_ops import run_eval_detector
+
+    report = run_eval_detector(
+        args.model,
+        args.store,
+        data_dir=args.data,
+        split=args.split,
+        easyvqa=args.easyvqa,
+        out=args.out,
+        device=args.device,
+    )
+    print(json.dumps(report, indent=2))
+
+
+def _features(args: argparse.Namespace) -> None:
+    from service.training.detector_ops import run_features
+
+    paths = run_features(
+        args.detector,
+        args.store,
+        args.data,
+        args.out,
+        splits=args.splits,
+        easyvqa=args.easyvqa,
+        batch_size=args.batch_size,
+        device=args.device,
+    )
+    for path in paths:
+        print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
 
 
 def _add_training_args(p: argparse.ArgumentParser, steps: int, lr: float) -> None:
@@ -188,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     preview.add_argument("--n", type=int, default=16)
     preview.set_defaults(func=_data_preview)
 
-    train = sub.add_parser("train", help="offline training: pretrain, finetune")
+    train = sub.add_parser("train", help="offline training: detector, pretrain, finetune")
     train_sub = train.add_subparsers(dest="train_command", required=True)
     pre = train_sub.add_parser("pretrain", help="pretrain a backbone on captions")
     pre.add_argument("--backbone", choices=["vilbert", "lxmert"], required=True)
@@ -205,20 +261,62 @@ def build_parser() -> argparse.ArgumentParser:
     fine.add_argument("--include-easyvqa", action="store_true")
     _add_training_args(fine, steps=2000, lr=5e-5)
     fine.set_defaults(func=_train_finetune)
+    det = train_sub.add_parser("detector", help="train the region detector on the shapes world")
+    det.add_argument("--data", default="data/shapes", help="shapes-world data folder")
+    det.add_argument("--store", default="model_store")
+    det.add_argument("--name", default="shapes-detector", help="model_store name of the result")
+    det.add_argument("--steps", type=int, default=4000)
+    det.add_argument("--batch-size", type=int, default=8)
+    det.add_argument("--lr", type=float, default=2e-3)
+    det.add_argument("--seed", type=int, default=0)
+    det.add_argument("--eval-every", type=int, default=500, help="validate every N steps")
+    det.add_argument(
+        "--no-easyvqa", dest="easyvqa", action="store_false", help="train on shapes only"
+    )
+    det.add_argument("--config", default=None, help="DetectorConfig overrides as JSON")
+    det.add_argument("--float32", action="store_true", help="store float32 weights")
+    det.add_argument("--device", default="cpu")
+    det.set_defaults(func=_train_detector)
 
-    ev = sub.add_parser("eval", help="evaluate a model on a held-out split")
+    ev = sub.add_parser(
+        "eval",
+        help="evaluate a model on a held-out split",
+        description="vqa eval --model NAME [--task T] scores a backbone; "
+        "vqa eval detector --model NAME scores a detector",
+    )
+    ev.add_argument("what", nargs="?", choices=["detector"], help="evaluate a detector")
     ev.add_argument("--model", required=True, help="name or name@version")
     ev.add_argument(
         "--task", choices=["vqa", "retrieval", "grounding", "match", "all"], default="all"
     )
     ev.add_argument("--split", default="test")
     ev.add_argument("--features", default="data/features")
-    ev.add_argument("--data", default="data/shapes")
+    ev.add_argument(
+        "--data",
+        default=None,
+        help="data folder (default data/shapes; a detector: the one it was trained on)",
+    )
     ev.add_argument("--store", default="model_store")
     ev.add_argument("--gallery-size", type=int, default=1000)
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--out", default=None, help="metrics.json and plots (default docs/experiments)")
+    ev.add_argument(
+        "--no-easyvqa", dest="easyvqa", action="store_false", help="detector: skip easy-VQA test"
+    )
     ev.set_defaults(func=_eval)
+
+    feats = sub.add_parser("features", help="precompute a data set's regions with a detector")
+    feats.add_argument("--detector", required=True, help="name or name@version")
+    feats.add_argument("--data", default="data/shapes", help="shapes-world data folder")
+    feats.add_argument("--out", default="data/features", help="folder for <split>.safetensors")
+    feats.add_argument("--splits", nargs="+", default=["train", "val", "test"])
+    feats.add_argument(
+        "--no-easyvqa", dest="easyvqa", action="store_false", help="skip easy-VQA train/test"
+    )
+    feats.add_argument("--store", default="model_store")
+    feats.add_argument("--batch-size", type=int, default=16)
+    feats.add_argument("--device", default="cpu")
+    feats.set_defaults(func=_features)
 
     store = sub.add_parser("store", help="inspect the model store")
     store.add_argument("--store", default="model_store")
