@@ -59,7 +59,6 @@ from service.training.plots import plot_family_accuracy, plot_training_curves
 EVAL_TASKS = ("vqa", "retrieval", "grounding", "match")
 KS = (1, 5, 10)
 MAX_LENGTH = 40  # as collate and the service's worker
-EASYVQA_SPLIT = "easyvqa_test"  # features_dir/easyvqa_test.safetensors
 
 
 # ---- batched inference ------------------------------------------------------------------
@@ -168,7 +167,7 @@ def eval_vqa(
             families.append(q["family"])
     logits = pair_scores(model, tokenizer, "answer", texts, regions, batch_size, device, progress)
     pred = [answers[int(row.argmax())] for row in logits]
-    present = [f for f in FAMILIES if f in set(families)] if families else []
+    present = [f for f in FAMILIES if f in set(families)]  # in the usual order
     return vqa_accuracy(pred, gold, families, all_families=present)
 
 
@@ -452,9 +451,13 @@ def easyvqa_source(features_dir: str | Path, split: str) -> PairSource:
     from service.data.easyvqa import load_split
     from service.data.features import FeatureFile
 
-    return PairSource(
-        load_split(split), FeatureFile(feature_path(features_dir, f"easyvqa_{split}"))
-    )
+    path = feature_path(features_dir, f"easyvqa_{split}")
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no easy-VQA region features at {path}: compute them for easy-VQA's {split} split "
+            "with the model's detector first"
+        )
+    return PairSource(load_split(split), FeatureFile(path))
 
 
 def write_report(

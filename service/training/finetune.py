@@ -302,7 +302,9 @@ def _init_model(
             attributes={n: int(p.shape[-1]) for n, p in first.attributes.items()},
             num_answers=len(ANSWERS),
         )
-        return build_backbone(backbone, {**config, **overrides}), None
+        config.update(overrides)
+        config[NUM_ANSWERS_KEY[backbone]] = len(ANSWERS)
+        return build_backbone(backbone, config), None
     manifest = store.resolve(init)
     if backbone is not None and backbone != manifest.kind:
         raise ValueError(f"{manifest.ref} is a {manifest.kind}, not a {backbone}")

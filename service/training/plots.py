@@ -77,7 +77,8 @@ def plot_training_curves(
         ax_loss.plot(steps, _smooth(vals, window), label=key, linewidth=1.2)
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel(f"loss (moving mean of {window})")
-    ax_loss.set_yscale("log")
+    if all(h[k] > 0 for h in train for k in _keys([h], skip=("kind", "step", "lr"))):
+        ax_loss.set_yscale("log")
     ax_loss.legend(fontsize=7)
     ax_loss.set_title(f"{title}: losses", fontsize=10)
     for key in _keys(evals, skip=("kind", "step")):

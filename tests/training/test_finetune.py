@@ -214,8 +214,48 @@ def test_retrieval_finetune_learns_dual_embeddings_that_generalise(tmp_path):
     assert results["retrieval"]["embed"]["R@1"] > 0.3, results["retrieval"]
 
 
+def test_grounding_finetune_points_at_the_referred_object(tmp_path):
+    data, features = write_tiny_split(tmp_path, "train", n=48)
+    write_tiny_split(tmp_path, "test", n=24)
+    m = run_finetune(
+        "grounding",
+        "none",
+        backbone="lxmert",
+        features_dir=features,
+        data_dir=data,
+        store_root=tmp_path / "store",
+        steps=100,
+        batch_size=16,
+        lr=3e-3,
+        seed=0,
+        config_overrides=tiny_overrides("lxmert"),
+        progress=False,
+    )
+    assert m.tasks == ["ground"]
+    losses = _train_losses(m, "ground")
+    assert np.mean(losses[-10:]) < 0.9 * np.mean(losses[:10])
+    results = run_eval(
+        m.ref,
+        tmp_path / "store",
+        "grounding",
+        features,
+        data,
+        out_dir=tmp_path / "out",
+        progress=False,
+    )
+    # baselines: always the first region (the first object's), or a region at random
+    refs = [e for r in load_records(data, "test") for e in r["refexps"]]
+    first = np.mean([e["index"] == 0 for e in refs])
+    uniform = np.mean(
+        [1 / (len(r["objects"]) + 2) for r in load_records(data, "test") for _ in r["refexps"]]
+    )
+    accuracy = results["grounding"]["accuracy"]
+    assert accuracy > max(first, uniform) + 0.08, (accuracy, first, uniform)
+
+
 def test_all_tasks_round_robin_lowers_every_loss(tmp_path):
     data, features = write_tiny_split(tmp_path, "train", n=32)
+    write_tiny_split(tmp_path, "val", n=12)
     m = run_finetune(
         "all",
         "none",
@@ -241,6 +281,17 @@ def test_all_tasks_round_robin_lowers_every_loss(tmp_path):
         assert np.mean(losses[-5:]) < 0.9 * np.mean(losses[:5]), (part, losses)
     align = np.add(_train_losses(m, "match"), _train_losses(m, "nce"))
     assert np.mean(align[-5:]) < 0.5 * np.mean(align[:5])
+    # validation measured every objective; the entry keeps the best evaluation's numbers
+    for name in (
+        "vqa_accuracy",
+        "match_random",
+        "match_hard",
+        "retrieval_r1",
+        "grounding_accuracy",
+    ):
+        assert 0.0 <= m.metrics[f"val/{name}"] <= 1.0, name
+    evals = [h for h in json.loads((m.path / "history.json").read_text()) if h["kind"] == "eval"]
+    assert len(evals) == 5 and m.metrics["val/score"] == max(e["score"] for e in evals)
     # the manifest alone rebuilds the trained model
     store = ModelStore(tmp_path / "store")
     rebuilt = build_backbone(m.kind, m.config)

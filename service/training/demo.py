@@ -1,0 +1,203 @@
+"""`vqa train demo`: the whole chain that produces the models the service ships.
+
+data -> detector -> detector eval -> region features -> for each backbone: pretrain ->
+fine-tune (all tasks) -> eval. Each finished stage is recorded in <work>/demo_state.json
+and skipped on the next run, and the long stages checkpoint inside <work>/checkpoints,
+so an interrupted run resumed with the same command picks up where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from service.data.shapes import write_split
+from service.store import ModelStore
+from service.training.detector_ops import run_eval_detector, run_features, run_train_detector
+from service.training.evaluate import run_eval
+from service.training.finetune import run_finetune
+from service.training.pretrain import run_pretrain
+
+BACKBONES = ("vilbert", "lxmert")
+
+
+@dataclass
+class DemoRecipe:
+    """Sizes and steps of the demo; the defaults are the shipped recipe for a 2-core CPU."""
+
+    train_images: int = 8000
+    val_images: int = 500
+    test_images: int = 1000
+    detector_steps: int = 4000
+    pretrain_steps: dict[str, int] = field(default_factory=lambda: {"vilbert": 400, "lxmert": 800})
+    pretrain_lr: dict[str, float] = field(default_factory=lambda: {"vilbert": 2e-4, "lxmert": 5e-4})
+    finetune_steps: dict[str, int] = field(default_factory=lambda: {"vilbert": 600, "lxmert": 900})
+    finetune_lr: dict[str, float] = field(default_factory=lambda: {"vilbert": 1e-4, "lxmert": 3e-4})
+    batch_size: int = 32
+    gallery_size: int = 1000
+    seed: int = 0
+    include_easyvqa: bool = True
+    detector_overrides: dict | None = None  # tests shrink the models through these
+    backbone_overrides: dict | None = None
+    backbones: tuple[str, ...] = BACKBONES
+
+
+class DemoState:
+    """Which stages finished, persisted after each one (atomically)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.done: dict[str, dict] = json.loads(path.read_text()) if path.exists() else {}
+
+    def run(self, stage: str, fn: Callable[[], dict], log: Callable[[str], None]) -> dict:
+        if stage in self.done:
+            log(f"[demo] {stage}: done before, skipped")
+            return self.done[stage]
+        start = time.perf_counter()
+        log(f"[demo] {stage}: running")
+        result = fn()
+        result["seconds"] = round(time.perf_counter() - start, 1)
+        self.done[stage] = result
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.done, indent=2))
+        os.replace(tmp, self.path)
+        log(f"[demo] {stage}: finished in {result['seconds']} s")
+        return result
+
+
+def run_demo(
+    work_dir: str | Path,
+    store_root: str | Path,
+    recipe: DemoRecipe | None = None,
+    device: str = "cpu",
+    command: str = "vqa train demo",
+    log: Callable[[str], None] = print,
+) -> dict:
+    """Run (or resume) the chain; returns the state: each stage's outputs and seconds."""
+    recipe = recipe or DemoRecipe()
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    data, features, ckpt = work / "shapes", work / "features", work / "checkpoints"
+    state = DemoState(work / "demo_state.json")
+    store = ModelStore(store_root)
+    (work / "recipe.json").write_text(json.dumps(asdict(recipe), indent=2))
+
+    def data_stage() -> dict:
+        for split, n in [
+            ("train", recipe.train_images),
+            ("val", recipe.val_images),
+            ("test", recipe.test_images),
+        ]:
+            write_split(data, split, n, seed=recipe.seed)
+        return {"data_dir": str(data)}
+
+    state.run("data", data_stage, log)
+    det = state.run(
+        "detector",
+        lambda: {
+            "ref": run_train_detector(
+                data,
+                store_root,
+                config_overrides=recipe.detector_overrides,
+                steps=recipe.detector_steps,
+                seed=recipe.seed,
+                include_easyvqa=recipe.include_easyvqa,
+                device=device,
+                command=f"{command} (detector)",
+            ).ref
+        },
+        log,
+    )["ref"]
+    state.run(
+        "detector_eval",
+        lambda: run_eval_detector(
+            det, store_root, data, easyvqa=recipe.include_easyvqa, device=device
+        ),
+        log,
+    )
+    state.run(
+        "features",
+        lambda: {
+            "files": [
+                str(p)
+                for p in run_features(
+                    det, store_root, data, features, easyvqa=recipe.include_easyvqa, device=device
+                )
+            ]
+        },
+        log,
+    )
+    for kind in recipe.backbones:
+        _backbone_stages(
+            kind, det, recipe, state, store, data, features, ckpt, device, command, log
+        )
+    return state.done
+
+
+def _backbone_stages(
+    kind, det, recipe, state, store, data, features, ckpt, device, command, log
+) -> None:
+    pre = state.run(
+        f"{kind}_pretrain",
+        lambda: {
+            "ref": run_pretrain(
+                kind,
+                features,
+                data,
+                store.root,
+                detector_ref=det,
+                out_name=f"shapes-{kind}-pretrained",
+                config_overrides=recipe.backbone_overrides,
+                steps=recipe.pretrain_steps[kind],
+                batch_size=recipe.batch_size,
+                lr=recipe.pretrain_lr[kind],
+                seed=recipe.seed,
+                checkpoint_dir=str(ckpt / f"{kind}_pretrain"),
+                device=device,
+                command=f"{command} (pretrain {kind})",
+            ).ref
+        },
+        log,
+    )["ref"]
+    fine = state.run(
+        f"{kind}_finetune",
+        lambda: {
+            "ref": run_finetune(
+                "all",
+                pre,
+                features_dir=features,
+                data_dir=data,
+                store_root=store.root,
+                detector_ref=det,
+                out_name=f"shapes-{kind}",
+                steps=recipe.finetune_steps[kind],
+                batch_size=recipe.batch_size,
+                lr=recipe.finetune_lr[kind],
+                seed=recipe.seed,
+                include_easyvqa=recipe.include_easyvqa,
+                checkpoint_dir=str(ckpt / f"{kind}_finetune"),
+                device=device,
+                command=f"{command} (finetune {kind})",
+            ).ref
+        },
+        log,
+    )["ref"]
+    state.run(
+        f"{kind}_eval",
+        lambda: run_eval(
+            fine,
+            store.root,
+            "all",
+            features,
+            data,
+            gallery_size=recipe.gallery_size,
+            device=device,
+            easyvqa=recipe.include_easyvqa,
+            seed=recipe.seed,
+        ),
+        log,
+    )

@@ -1,0 +1,58 @@
+"""The demo chain end to end at toy sizes: every stage runs, and a rerun resumes."""
+
+import json
+
+from service.store import ModelStore
+from service.training.demo import DemoRecipe, run_demo
+
+TINY_LXMERT = dict(
+    hidden_size=32,
+    num_attention_heads=2,
+    intermediate_size=64,
+    l_layers=1,
+    x_layers=1,
+    r_layers=1,
+    embed_dim=16,
+)
+
+
+def test_demo_chain_produces_served_models_and_resumes(tmp_path):
+    recipe = DemoRecipe(
+        train_images=12,
+        val_images=6,
+        test_images=6,
+        detector_steps=3,
+        pretrain_steps={"lxmert": 3},
+        pretrain_lr={"lxmert": 1e-3},
+        finetune_steps={"lxmert": 4},
+        finetune_lr={"lxmert": 1e-3},
+        batch_size=4,
+        gallery_size=6,
+        include_easyvqa=False,
+        backbones=("lxmert",),
+        detector_overrides={"representation_size": 32, "min_regions": 4, "max_regions": 8},
+        backbone_overrides=TINY_LXMERT,
+    )
+    lines: list[str] = []
+    state = run_demo(tmp_path / "work", tmp_path / "store", recipe, log=lines.append)
+    assert list(state) == [
+        "data",
+        "detector",
+        "detector_eval",
+        "features",
+        "lxmert_pretrain",
+        "lxmert_finetune",
+        "lxmert_eval",
+    ]
+    store = ModelStore(tmp_path / "store")
+    served = store.resolve("shapes-lxmert")
+    assert served.detector == state["detector"]["ref"]
+    assert {"vqa", "match"} <= set(served.tasks)
+    assert any(k.startswith("test/") for k in store.resolve("shapes-lxmert").metrics)
+    saved = json.loads((tmp_path / "work" / "demo_state.json").read_text())
+    assert saved["lxmert_finetune"]["ref"] == served.ref
+
+    lines.clear()
+    run_demo(tmp_path / "work", tmp_path / "store", recipe, log=lines.append)
+    assert all("skipped" in line for line in lines if line.startswith("[demo]"))
+    assert len(store.list()) == 3, "a resumed run must not train anything again"
