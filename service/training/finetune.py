@@ -31,14 +31,10 @@ objectives keep every image. Validation runs on the val split's features when th
 
 from __future__ import annotations
 
-import json
-import tempfile
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -47,6 +43,7 @@ from service.data.language import ANSWERS
 from service.data.tokenizer import load_tokenizer
 from service.models.backbone import build_backbone
 from service.store import Manifest, ModelStore
+from service.training.entries import write_model_entry
 from service.training.evaluate import (
     easyvqa_source,
     eval_grounding,
@@ -475,27 +472,4 @@ def run_finetune(
         answers=list(ANSWERS),
     )
     name = out_name or f"{model.kind}-{task}"
-    return _write_entry(store, name, model, result.history, meta)
-
-
-def _write_entry(store: ModelStore, name: str, model: nn.Module, history, meta) -> Manifest:
-    """Rank 0 writes the entry (weights, tokenizer files, history.json); others read it."""
-    distributed = dist.is_available() and dist.is_initialized()
-    ref = [None]
-    if not distributed or dist.get_rank() == 0:
-        with tempfile.TemporaryDirectory() as tmp:
-            load_tokenizer().save_pretrained(tmp)
-            tok_files = {p.name: p for p in Path(tmp).iterdir() if p.is_file()}
-            manifest = store.write(
-                name,
-                model.kind,
-                {"model.safetensors": model.state_dict()},
-                config=asdict(model.config),
-                extra_files={**tok_files, "history.json": json.dumps(history).encode()},
-                tokenizer=sorted(tok_files),
-                **meta,
-            )
-        ref = [manifest.ref]
-    if distributed:
-        dist.broadcast_object_list(ref, src=0)
-    return store.resolve(ref[0])
+    return write_model_entry(store, name, model, result.history, **meta)

@@ -38,9 +38,7 @@ token would dominate a CPU step); the loss is the same.
 
 from __future__ import annotations
 
-import json
-import tempfile
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -54,6 +52,7 @@ from service.data.language import ANSWERS
 from service.data.tokenizer import load_tokenizer, minilm_dir
 from service.models.backbone import Batch, build_backbone
 from service.store import Manifest, ModelStore
+from service.training.entries import write_model_entry
 from service.training.examples import (
     PairSource,
     feature_path,
@@ -478,24 +477,6 @@ def write_pretrained(
     torchrun rank 0 writes and every rank returns the manifest it wrote.
     """
     store = ModelStore(store_root)
-    distributed = dist.is_available() and dist.is_initialized()
-    ref = [None]
-    if not distributed or dist.get_rank() == 0:
-        with tempfile.TemporaryDirectory() as tmp:
-            load_tokenizer().save_pretrained(tmp)
-            tok_files = {p.name: p for p in Path(tmp).iterdir() if p.is_file()}
-            manifest = store.write(
-                name,
-                model.kind,
-                {"model.safetensors": model.state_dict()},
-                config=asdict(model.config),
-                extra_files={**tok_files, "history.json": json.dumps(history).encode()},
-                tokenizer=sorted(tok_files),
-                answers=list(ANSWERS),
-                tasks=["pretrain"],
-                **meta,
-            )
-        ref = [manifest.ref]
-    if distributed:
-        dist.broadcast_object_list(ref, src=0)
-    return store.resolve(ref[0])
+    return write_model_entry(
+        store, name, model, history, answers=list(ANSWERS), tasks=["pretrain"], **meta
+    )
