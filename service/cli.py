@@ -89,6 +89,13 @@ def _train_pretrain(args: argparse.Namespace) -> None:
     print(f"wrote {m.ref} to {m.path}")
 
 
+def _train_demo(args: argparse.Namespace) -> None:
+    from service.training.demo import run_demo
+
+    state = run_demo(args.work, args.store, device=args.device, command=_command_line())
+    print(json.dumps({k: v.get("ref", v.get("seconds")) for k, v in state.items()}, indent=2))
+
+
 def _train_finetune(args: argparse.Namespace) -> None:
     from service.training.finetune import run_finetune
 
@@ -261,13 +268,20 @@ def build_parser() -> argparse.ArgumentParser:
     fine.add_argument("--include-easyvqa", action="store_true")
     _add_training_args(fine, steps=2000, lr=5e-5)
     fine.set_defaults(func=_train_finetune)
+    demo = train_sub.add_parser(
+        "demo", help="the whole chain that makes the shipped models (resumable)"
+    )
+    demo.add_argument("--work", default="data/demo", help="data, features and checkpoints")
+    demo.add_argument("--store", default="model_store")
+    demo.add_argument("--device", default="cpu")
+    demo.set_defaults(func=_train_demo)
     det = train_sub.add_parser("detector", help="train the region detector on the shapes world")
     det.add_argument("--data", default="data/shapes", help="shapes-world data folder")
     det.add_argument("--store", default="model_store")
     det.add_argument("--name", default="shapes-detector", help="model_store name of the result")
     det.add_argument("--steps", type=int, default=4000)
     det.add_argument("--batch-size", type=int, default=8)
-    det.add_argument("--lr", type=float, default=2e-3)
+    det.add_argument("--lr", type=float, default=1e-3)
     det.add_argument("--seed", type=int, default=0)
     det.add_argument("--eval-every", type=int, default=500, help="validate every N steps")
     det.add_argument(
