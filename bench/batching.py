@@ -1,18 +1,22 @@
 """Dynamic batching under load: the service against itself with max_batch_size=1, and
 against the same model's raw batched forward in one process without HTTP.
 
-    .venv/bin/python -m bench.batching [--model lxmert] [--seconds 6] [--store DIR]
+    .venv/bin/python -m bench.batching [--model lxmert] [--rounds 3] [--seconds 3]
 
-For each service configuration (a: dynamic batching, max_batch_size 32; b: the same
-service with max_batch_size 1) a fresh `uvicorn` process serves the model and an async
-httpx client in this process drives POST /v1/vqa (one question per request) at
-concurrency 1, 8 and 32, for `--seconds` each after a warm-up:
-  cached  every request names one of 32 images whose regions the service has cached;
-  cold    every request sends an image the service has never seen: the detector runs.
-Then (c), the limit: `Worker.encode` (collate + model.answer, what the service runs per
-batch) on cached regions at batch sizes 1, 8 and 32, and for cold images decode +
-detector + encode. All in one run, so that the ratios compare like with like on a noisy
-machine; results in bench/results/batching_<device>.json.
+Two `uvicorn` processes serve the same model: (a) dynamic batching (max_batch_size 32)
+and (b) max_batch_size 1. A client in this process drives POST /v1/vqa (one question
+a request) at concurrency 1, 8 and 32:
+  cached  each request names one of 32 images whose regions the service has cached;
+  cold    each request sends an image that service has never seen: the detector runs.
+(c), the limit, runs here: `Worker.encode` (collate + model.answer + outputs to the CPU,
+what the service runs per batch) on cached regions at batch sizes 1, 8 and 32, and for
+cold images decode + detector + encode.
+
+The machine is shared and noisy, so every cell (config x mode x concurrency) runs once
+per round, the configurations back to back, and `--rounds` rounds: throughputs are the
+median over rounds, latency percentiles pool all rounds, and each ratio is also given
+per round. CPU seconds per answer (server process, client, raw) are recorded too: they
+move much less with the other processes' load than wall-clock throughput does.
 """
 
 from __future__ import annotations
@@ -23,9 +27,11 @@ import base64
 import itertools
 import json
 import os
+import statistics
 import sys
 import tempfile
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -33,20 +39,23 @@ import torch
 from bench.common import (
     RESULTS,
     ServiceProcess,
+    describe_weights,
     latency_stats,
     loadavg,
     machine,
     process_cpu_s,
     ratio,
     shapes_images,
+    shipped_detector,
     write_demo_store,
     write_json,
 )
 
-CONCURRENCY = (1, 8, 32)
-BATCH_SIZES = (1, 8, 32)
+CONCURRENCY = (1, 8, 32)  # also the raw forward's batch sizes
+RAW_ONLY = (16,)  # a batch of 16: what the service forms at concurrency 32 (two halves)
 CACHED_IMAGES = 32
 SERVICES = {"dynamic": 32, "max_batch_1": 1}  # name -> max_batch_size
+MODES = ("cached", "cold")
 
 
 def vqa_body(png: bytes, question: str, model: str) -> bytes:
@@ -54,19 +63,73 @@ def vqa_body(png: bytes, question: str, model: str) -> bytes:
     return json.dumps({"image": image, "questions": [question], "model": model}).encode()
 
 
-# ---- the HTTP client -----------------------------------------------------------------------
+# ---- the HTTP clients ----------------------------------------------------------------------
 
 
-async def drive(url: str, bodies, concurrency: int, seconds: float, warmup: float) -> dict:
-    """POST bodies (an iterator; exhausted = stop) at `concurrency`; stats of the measured part.
+class BareConnection:
+    """One HTTP/1.1 keep-alive connection that posts prebuilt JSON bodies: a load
+    generator should leave the shared CPU to the service (httpx spends 3 to 6 ms of
+    CPU a request here, half what the service spends on an answer)."""
 
-    The first `warmup` seconds are run but not counted. Throughput counts answers (200s)
-    from the end of the warm-up to the last completion.
+    def __init__(self, url: str):
+        host, port = url.removeprefix("http://").split(":")
+        self.host, self.port = host, int(port)
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        head = (
+            f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n"
+        )
+        self.writer.write(head.encode() + body)
+        status = int((await self.reader.readline()).split()[1])
+        length = None
+        while (line := await self.reader.readline()) not in (b"\r\n", b""):
+            name, _, value = line.partition(b":")
+            if name.strip().lower() == b"content-length":
+                length = int(value)
+        if length is None:
+            raise RuntimeError("a response without Content-Length")
+        return status, await self.reader.readexactly(length)
+
+    async def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+class HttpxConnection:
+    """The same through an httpx.AsyncClient (one per connection)."""
+
+    def __init__(self, url: str):
+        import httpx
+
+        self.client = httpx.AsyncClient(base_url=url, timeout=120)
+
+    async def post(self, path: str, body: bytes) -> tuple[int, bytes]:
+        reply = await self.client.post(
+            path, content=body, headers={"content-type": "application/json"}
+        )
+        return reply.status_code, reply.content
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+CLIENTS = {"bare": BareConnection, "httpx": HttpxConnection}
+
+
+async def drive(
+    url: str, bodies, concurrency: int, seconds: float, warmup: float, client: str = "bare"
+) -> tuple[dict, list[float]]:
+    """POST bodies (an iterator; exhausted = stop) from `concurrency` connections.
+
+    Returns (stats, latencies) of the measured part: the first `warmup` seconds run but
+    are not counted; throughput counts answers (200s) from the end of the warm-up to
+    the last completion. The first measured reply is parsed and checked.
     """
-    import httpx
-
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    headers = {"content-type": "application/json"}
     latencies: list[float] = []
     errors: dict[str, int] = {}
     loop = asyncio.get_running_loop()
@@ -74,193 +137,255 @@ async def drive(url: str, bodies, concurrency: int, seconds: float, warmup: floa
     measure_from, stop_at = start + warmup, start + warmup + seconds
     last = measure_from
 
-    async def client_loop(client: httpx.AsyncClient) -> None:
+    async def client_loop(conn) -> None:
         nonlocal last
-        while loop.time() < stop_at:
-            body = next(bodies, None)
-            if body is None:
-                return
+        while loop.time() < stop_at and (body := next(bodies, None)) is not None:
             t0 = loop.time()
-            reply = await client.post("/v1/vqa", content=body, headers=headers)
+            status, data = await conn.post("/v1/vqa", body)
             t1 = loop.time()
             if t0 < measure_from:
                 continue
-            if reply.status_code == 200:
-                latencies.append(t1 - t0)
-                last = max(last, t1)
-            else:
-                errors[str(reply.status_code)] = errors.get(str(reply.status_code), 0) + 1
+            if status != 200:
+                errors[str(status)] = errors.get(str(status), 0) + 1
+                continue
+            if not latencies and not json.loads(data)["answers"][0]["answers"]:
+                raise RuntimeError(f"a reply without answers: {data[:200]!r}")
+            latencies.append(t1 - t0)
+            last = max(last, t1)
 
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=120) as client:
-        await asyncio.gather(*(client_loop(client) for _ in range(concurrency)))
+    connections = [CLIENTS[client](url) for _ in range(concurrency)]
+    try:
+        await asyncio.gather(*(client_loop(c) for c in connections))
+    finally:
+        await asyncio.gather(*(c.close() for c in connections))
     elapsed = max(last - measure_from, 1e-9)
-    return {
-        "answers_per_s": round(len(latencies) / elapsed, 2),
-        "seconds": round(elapsed, 2),
-        **latency_stats(latencies),
-        "errors": errors,
-    }
+    stats = {"answers_per_s": round(len(latencies) / elapsed, 2), "errors": errors}
+    return stats, latencies
 
 
-def batch_size_mean(url: str, ref: str) -> tuple[float, float]:
-    """(sum, count) of the encode batcher's batch-size histogram, from /metrics."""
+def batch_sizes(url: str, ref: str) -> tuple[float, float]:
+    """(items, batches) so far of the model's encode batcher, from /metrics."""
     import httpx
     from prometheus_client.parser import text_string_to_metric_families
 
-    total = count = 0.0
+    values = {}
     for family in text_string_to_metric_families(httpx.get(f"{url}/metrics").text):
         for s in family.samples:
-            if s.labels.get("batcher") == ref and s.name == "vqa_batch_size_sum":
-                total = s.value
-            if s.labels.get("batcher") == ref and s.name == "vqa_batch_size_count":
-                count = s.value
-    return total, count
+            if s.labels.get("batcher") == ref and s.name.startswith("vqa_batch_size_"):
+                values[s.name] = s.value
+    return values.get("vqa_batch_size_sum", 0.0), values.get("vqa_batch_size_count", 0.0)
 
 
-def service_cells(args, store: Path, ref: str, name: str, max_batch: int, cached, cold) -> list:
-    """Every (mode, concurrency) cell against one fresh service process."""
-    rows = []
-    cached_bodies = [vqa_body(png, q, ref) for png, q in cached]
-    cold_bodies = iter([vqa_body(png, q, ref) for png, q in cold])
-    with tempfile.TemporaryDirectory() as data_dir:
-        service = ServiceProcess(
-            store,
-            Path(data_dir),
-            log_path=Path(data_dir) / "service.log",
-            models=[ref],
-            max_batch_size=max_batch,
-            max_wait_ms=args.max_wait_ms,
-        )
-        with service:
-            # Warm the cache with the cached images (one request each, in order).
-            asyncio.run(drive(service.url, iter(cached_bodies), 1, 1e9, 0.0))
-            for concurrency in CONCURRENCY:
-                for mode in ("cached", "cold"):
-                    bodies = itertools.cycle(cached_bodies) if mode == "cached" else cold_bodies
-                    before = batch_size_mean(service.url, ref)
-                    cpu = process_cpu_s(service.proc.pid), time.process_time()
-                    cell = asyncio.run(
-                        drive(service.url, bodies, concurrency, args.seconds, args.warmup)
-                    )
-                    server_cpu = process_cpu_s(service.proc.pid) - cpu[0]
-                    client_cpu = time.process_time() - cpu[1]
-                    after = batch_size_mean(service.url, ref)
-                    batches = after[1] - before[1]
-                    cell["mean_batch"] = round((after[0] - before[0]) / batches, 2) if batches else 0
-                    # CPU per answer over the whole cell (warm-up too): what the other
-                    # processes' load changes least
-                    requests = after[0] - before[0]  # one question per request
-                    cell["server_cpu_ms_per_answer"] = round(1000 * server_cpu / max(1, requests), 2)
-                    cell["client_cpu_ms_per_answer"] = round(1000 * client_cpu / max(1, requests), 2)
-                    rows.append({"config": name, "mode": mode, "concurrency": concurrency, **cell})
-                    print(json.dumps(rows[-1]), flush=True)
-    return rows
+def service_cell(args, service: ServiceProcess, ref: str, bodies, concurrency: int) -> tuple:
+    """One measured cell against a running service: (row, latencies)."""
+    before = batch_sizes(service.url, ref)
+    cpu = process_cpu_s(service.proc.pid), time.process_time()
+    stats, latencies = asyncio.run(
+        drive(service.url, bodies, concurrency, args.seconds, args.warmup, args.client)
+    )
+    server_cpu = process_cpu_s(service.proc.pid) - cpu[0]
+    client_cpu = time.process_time() - cpu[1]
+    after = batch_sizes(service.url, ref)
+    answers, batches = after[0] - before[0], after[1] - before[1]  # warm-up included
+    return {
+        **stats,
+        "n": len(latencies),
+        "p50_ms": latency_stats(latencies).get("p50_ms"),
+        "mean_batch": round(answers / batches, 2) if batches else 0.0,
+        "server_cpu_ms_per_answer": round(1000 * server_cpu / max(1.0, answers), 2),
+        "client_cpu_ms_per_answer": round(1000 * client_cpu / max(1.0, answers), 2),
+    }, latencies
 
 
 # ---- the raw forward -----------------------------------------------------------------------
 
 
-def raw_cells(args, store_root: Path, ref: str, cached, cold) -> list:
-    """(c): the worker's batch calls in this process, no HTTP, no batcher, one thread."""
-    from service.runtime.images import decode_image
-    from service.runtime.worker import EncodeItem, Worker, resolve
-    from service.store import ModelStore
+class RawForward:
+    """(c): the worker's batch calls in this process, no HTTP, no batcher."""
 
-    store = ModelStore(store_root)
-    worker = Worker("cpu")
-    manifest = resolve(store, ref)
-    detector = worker.load_detector(store, resolve(store, manifest.detector))
-    backbone = worker.load_backbone(store, manifest, detector)
-    pixels = [decode_image(png, 1 << 30).image for png, _ in cached]
-    regions = worker.detect(detector, pixels)
-    items = [EncodeItem("vqa", q, r.region_set) for (_, q), r in zip(cached, regions, strict=True)]
-    cold_iter = iter(cold)
+    def __init__(self, store_root: Path, ref: str, cached, cold):
+        from service.runtime.images import decode_image
+        from service.runtime.worker import EncodeItem, Worker, resolve
+        from service.store import ModelStore
 
-    def encode(b: int, i: int) -> None:
-        batch = [items[(i * b + j) % len(items)] for j in range(b)]
-        worker.encode(backbone, batch)
+        store = ModelStore(store_root)
+        self.worker = Worker("cpu")
+        manifest = resolve(store, ref)
+        self.detector = self.worker.load_detector(store, resolve(store, manifest.detector))
+        self.backbone = self.worker.load_backbone(store, manifest, self.detector)
+        pixels = [decode_image(png, 1 << 30).image for png, _ in cached]
+        regions = self.worker.detect(self.detector, pixels)
+        self.items = [
+            EncodeItem("vqa", q, r.region_set) for (_, q), r in zip(cached, regions, strict=True)
+        ]
+        self.cold = itertools.cycle(cold)  # no cache here: an image seen before costs the same
+        self._item, self._decode = EncodeItem, decode_image
 
-    def decode_detect_encode(b: int, i: int) -> None:
-        fresh = list(itertools.islice(cold_iter, b))
-        images = [decode_image(png, 1 << 30) for png, _ in fresh]
-        found = worker.detect(detector, [im.image for im in images])
-        worker.encode(
-            backbone,
-            [EncodeItem("vqa", q, r.region_set) for (_, q), r in zip(fresh, found, strict=True)],
+    def cached_step(self, b: int, i: int) -> None:
+        batch = [self.items[(i * b + j) % len(self.items)] for j in range(b)]
+        self.worker.encode(self.backbone, batch)
+
+    def cold_step(self, b: int, i: int) -> None:
+        fresh = list(itertools.islice(self.cold, b))
+        images = [self._decode(png, 1 << 30).image for png, _ in fresh]
+        found = self.worker.detect(self.detector, images)
+        items = [self._item("vqa", q, r.region_set) for (_, q), r in zip(fresh, found, strict=True)]
+        self.worker.encode(self.backbone, items)
+
+    def cell(self, mode: str, b: int, seconds: float) -> tuple[dict, list[float]]:
+        step = self.cached_step if mode == "cached" else self.cold_step
+        step(b, 0)  # warm-up
+        times, cpu, i = [], time.process_time(), 0
+        start = time.perf_counter()
+        while time.perf_counter() - start < seconds or i < 3:
+            t0 = time.perf_counter()
+            step(b, i)
+            times.append(time.perf_counter() - t0)
+            i += 1
+        return {
+            "answers_per_s": round(b * len(times) / sum(times), 2),
+            "n": len(times),
+            "p50_ms": latency_stats(times)["p50_ms"],
+            "cpu_ms_per_answer": round(1000 * (time.process_time() - cpu) / (b * i), 2),
+        }, times
+
+    def close(self) -> None:
+        self.worker.close()
+
+
+# ---- the run -------------------------------------------------------------------------------
+
+
+def run_rounds(args, store: Path, ref: str, cached, cold) -> tuple[list, dict]:
+    """All cells, `args.rounds` times; returns (per-round rows, pooled latencies by cell)."""
+    rows, pooled = [], {}
+    cached_bodies = [vqa_body(png, q, ref) for png, q in cached]
+    cold_bodies = [vqa_body(png, q, ref) for png, q in cold]
+    with tempfile.TemporaryDirectory() as data, ExitStack() as stack:
+        configs = {name: (max_batch, args.max_wait_ms) for name, max_batch in SERVICES.items()}
+        if args.extra_wait is not None:
+            configs[f"dynamic_wait{args.extra_wait:g}"] = (32, args.extra_wait)
+        services = {
+            name: stack.enter_context(
+                ServiceProcess(
+                    store,
+                    Path(data) / name,
+                    log_path=Path(data) / f"{name}.log",
+                    models=[ref],
+                    max_batch_size=max_batch,
+                    max_wait_ms=max_wait,
+                )
+            )
+            for name, (max_batch, max_wait) in configs.items()
+        }
+        fresh = {name: iter(cold_bodies) for name in services}  # one cache per service
+        for service in services.values():  # cache the regions of the cached images
+            asyncio.run(drive(service.url, iter(cached_bodies), 1, 1e9, 0.0))
+        raw = RawForward(store, ref, cached, cold)
+        stack.callback(raw.close)
+        for r, concurrency, mode in itertools.product(range(args.rounds), CONCURRENCY, MODES):
+            for name, service in services.items():
+                bodies = itertools.cycle(cached_bodies) if mode == "cached" else fresh[name]
+                cell, lat = service_cell(args, service, ref, bodies, concurrency)
+                rows.append({"round": r, "config": name, "mode": mode, "concurrency": concurrency})
+                rows[-1].update(cell)
+                pooled.setdefault((name, mode, concurrency), []).extend(lat)
+                print(json.dumps(rows[-1]), flush=True)
+            for b in (concurrency, *RAW_ONLY) if concurrency == CONCURRENCY[-1] else (concurrency,):
+                cell, lat = raw.cell(mode, b, args.raw_seconds)
+                rows.append({"round": r, "config": "raw", "mode": mode, "concurrency": b})
+                rows[-1].update(cell)
+                pooled.setdefault(("raw", mode, b), []).extend(lat)
+                print(json.dumps(rows[-1]), flush=True)
+    return rows, pooled
+
+
+def summarise(rows: list, pooled: dict) -> list:
+    """One row per cell: median throughput and CPU over rounds, percentiles over all."""
+    out = []
+    for (config, mode, concurrency), latencies in pooled.items():
+        cells = [
+            r
+            for r in rows
+            if (r["config"], r["mode"], r["concurrency"]) == (config, mode, concurrency)
+        ]
+        row = {"config": config, "mode": mode, "concurrency": concurrency}
+        for key in cells[0]:
+            if key.endswith(("_per_s", "_per_answer")) or key == "mean_batch":
+                row[key] = round(statistics.median(c[key] for c in cells), 2)
+        row.update(latency_stats(latencies))  # raw: the latency of one batch call
+        row["errors"] = sum(sum(c.get("errors", {}).values()) for c in cells)
+        out.append(row)
+    return out
+
+
+def find(rows: list, config: str, mode: str, concurrency: int) -> dict:
+    return next(
+        r for r in rows if (r["config"], r["mode"], r["concurrency"]) == (config, mode, concurrency)
+    )
+
+
+def ratios(rows: list, mode: str) -> dict:
+    """Issue 7 section 2's three batching ratios for one mode, from `rows`."""
+    dyn32, one32 = find(rows, "dynamic", mode, 32), find(rows, "max_batch_1", mode, 32)
+    raw32 = find(rows, "raw", mode, 32)
+    dyn1, raw1 = find(rows, "dynamic", mode, 1), find(rows, "raw", mode, 1)
+    out = {
+        "batching_speedup_c32": ratio(dyn32["answers_per_s"], one32["answers_per_s"]),
+        "share_of_raw_c32": ratio(dyn32["answers_per_s"], raw32["answers_per_s"]),
+    }
+    if dyn1.get("p50_ms") is not None:
+        out["c1_p50_overhead_ms"] = round(dyn1["p50_ms"] - raw1["p50_ms"], 2)
+    if any((r["config"], r["mode"], r["concurrency"]) == ("raw", mode, 16) for r in rows):
+        out["share_of_raw_bs16_c32"] = ratio(
+            dyn32["answers_per_s"], find(rows, "raw", mode, 16)["answers_per_s"]
         )
-
-    rows = []
-    for mode, step in (("cached", encode), ("cold", decode_detect_encode)):
-        for b in BATCH_SIZES:
-            step(b, 0)  # warm-up
-            times, start, cpu = [], time.perf_counter(), time.process_time()
-            i = 0
-            while time.perf_counter() - start < args.raw_seconds or i < 3:
-                t0 = time.perf_counter()
-                step(b, i)
-                times.append(time.perf_counter() - t0)
-                i += 1
-            cell = {"config": "raw", "mode": mode, "batch_size": b}
-            cell["answers_per_s"] = round(b * len(times) / sum(times), 2)
-            cell["cpu_ms_per_answer"] = round(1000 * (time.process_time() - cpu) / (b * i), 2)
-            rows.append({**cell, **latency_stats(times)})
-            print(json.dumps(rows[-1]), flush=True)
-    worker.close()
-    return rows
+    if "server_cpu_ms_per_answer" in dyn32:
+        out["cpu_share_of_raw_c32"] = ratio(
+            raw32["cpu_ms_per_answer"], dyn32["server_cpu_ms_per_answer"]
+        )
+    return out
 
 
-# ---- targets -------------------------------------------------------------------------------
-
-
-def find(rows: list, **key) -> dict:
-    return next(r for r in rows if all(r.get(k) == v for k, v in key.items()))
-
-
-def targets(rows: list) -> dict:
-    """Issue 7 section 2, from this run's rows (cached images unless named)."""
-    dyn32 = find(rows, config="dynamic", mode="cached", concurrency=32)
-    one32 = find(rows, config="max_batch_1", mode="cached", concurrency=32)
-    raw32 = find(rows, config="raw", mode="cached", batch_size=32)
-    dyn1 = find(rows, config="dynamic", mode="cached", concurrency=1)
-    raw1 = find(rows, config="raw", mode="cached", batch_size=1)
-    speedup = ratio(dyn32["answers_per_s"], one32["answers_per_s"])
-    share = ratio(dyn32["answers_per_s"], raw32["answers_per_s"])
-    overhead = round(dyn1["p50_ms"] - raw1["p50_ms"], 2)
-    cold = {
-        "batching_speedup_c32": ratio(
-            find(rows, config="dynamic", mode="cold", concurrency=32)["answers_per_s"],
-            find(rows, config="max_batch_1", mode="cold", concurrency=32)["answers_per_s"],
-        ),
-        "share_of_raw_c32": ratio(
-            find(rows, config="dynamic", mode="cold", concurrency=32)["answers_per_s"],
-            find(rows, config="raw", mode="cold", batch_size=32)["answers_per_s"],
-        ),
-        "c1_p50_overhead_ms": round(
-            find(rows, config="dynamic", mode="cold", concurrency=1)["p50_ms"]
-            - find(rows, config="raw", mode="cold", batch_size=1)["p50_ms"],
-            2,
-        ),
+def targets(summary: list, rows: list, rounds: int) -> dict:
+    per_round = {
+        mode: [ratios([r for r in rows if r["round"] == k], mode) for k in range(rounds)]
+        for mode in MODES
     }
-    return {
-        "batching_speedup_c32": {"value": speedup, "target": ">= 3", "met": (speedup or 0) >= 3},
-        "share_of_raw_c32": {"value": share, "target": ">= 0.8", "met": (share or 0) >= 0.8},
-        "c1_p50_overhead_ms": {"value": overhead, "target": "<= 10", "met": overhead <= 10},
-        "cold_images": cold,
+    result = {}
+    for mode in MODES:
+        overall = ratios(summary, mode)
+        result[mode] = {
+            **overall,
+            "per_round": {k: [p[k] for p in per_round[mode]] for k in per_round[mode][0]},
+        }
+    cached = result["cached"]
+    result["met"] = {
+        "batching_speedup_c32 >= 3": (cached["batching_speedup_c32"] or 0) >= 3,
+        "share_of_raw_c32 >= 0.8": (cached["share_of_raw_c32"] or 0) >= 0.8,
+        "c1_p50_overhead_ms <= 10": cached["c1_p50_overhead_ms"] <= 10,
     }
-
-
-# ---- main ----------------------------------------------------------------------------------
+    return result
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="lxmert", help="backbone kind, or a name in --store")
     p.add_argument("--store", type=Path, default=None, help="a model store (default: demo size)")
-    p.add_argument("--seconds", type=float, default=6.0, help="measured seconds per cell")
-    p.add_argument("--warmup", type=float, default=1.0, help="uncounted seconds per cell")
-    p.add_argument("--raw-seconds", type=float, default=3.0)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--seconds", type=float, default=3.0, help="measured seconds per cell")
+    p.add_argument("--warmup", type=float, default=0.5, help="uncounted seconds per cell")
+    p.add_argument("--raw-seconds", type=float, default=2.0)
     p.add_argument("--max-wait-ms", type=float, default=5.0, help="the batcher's max_wait_ms")
     p.add_argument("--threads", type=int, default=1, help="torch threads, service and raw")
+    p.add_argument(
+        "--extra-wait",
+        type=float,
+        default=None,
+        help="also serve max_batch_size 32 with this max_wait_ms (a third service)",
+    )
+    p.add_argument("--random-detector", action="store_true", help="not the trained shapes-detector")
+    p.add_argument("--client", choices=sorted(CLIENTS), default="bare")
     p.add_argument("--cold-images", type=int, default=1500, help="fresh images in the pool")
     p.add_argument("--out", type=Path, default=RESULTS / "batching_cpu.json")
     return p.parse_args(argv)
@@ -268,35 +393,35 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)  # the service gets the same through OMP_NUM_THREADS
-    os.environ["OMP_NUM_THREADS"] = str(args.threads)
+    torch.set_num_threads(args.threads)
+    os.environ["OMP_NUM_THREADS"] = str(args.threads)  # the services' torch threads
     load_start, t_start = loadavg(), time.time()
     with tempfile.TemporaryDirectory() as tmp:
         store = args.store or Path(tmp) / "model_store"
-        refs = write_demo_store(store, kinds=(args.model,)) if args.store is None else {}
-        ref = refs.get(args.model, args.model)
+        trained = None if args.random_detector else shipped_detector()
+        if args.store is None:
+            refs = write_demo_store(store, kinds=(args.model,), trained_detector=trained)
+        ref = refs[args.model] if args.store is None else args.model
         cached = shapes_images(CACHED_IMAGES, split="val")
         cold = shapes_images(args.cold_images, split="test")
-        rows = []
-        for name, max_batch in SERVICES.items():
-            rows += service_cells(args, store, ref, name, max_batch, cached, cold)
-        rows += raw_cells(args, store, ref, cached, cold)
+        rows, pooled = run_rounds(args, store, ref, cached, cold)
+    summary = summarise(rows, pooled)
     result = {
         "benchmark": "batching",
-        "command": " ".join(["python -m bench.batching", *(sys.argv[1:] if argv is None else argv)]),
+        "command": " ".join(["python -m bench.batching", *(argv or sys.argv[1:])]),
         "model": ref,
-        "weights": "random (demo size, service.training.pretrain.default_config)"
-        if args.store is None
-        else f"from {args.store}",
+        "weights": describe_weights(trained) if args.store is None else f"from {args.store}",
         "device": "cpu",
         "threads": args.threads,
-        "max_wait_ms": args.max_wait_ms,
+        "client": args.client,
+        "settings": {k: v for k, v in vars(args).items() if k not in ("out", "store")},
         "machine": machine(),
         "loadavg_start": load_start,
         "loadavg_end": loadavg(),
         "wall_s": round(time.time() - t_start, 1),
-        "rows": rows,
-        "targets": targets(rows),
+        "summary": summary,
+        "targets": targets(summary, rows, args.rounds),
+        "rounds": rows,
     }
     write_json(args.out, result)
     print(json.dumps(result["targets"], indent=2))

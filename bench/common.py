@@ -1,8 +1,11 @@
 """Shared pieces of the benchmarks: a demo-size model store, shapes-world images, the
 service in a subprocess, latency statistics, machine facts and JSON results.
 
-The demo store holds the sizes the training module ships (`pretrain.default_config`)
-with random weights: timing does not depend on the weights' values, answers do.
+The demo store holds the backbone sizes the training module ships
+(`pretrain.default_config`) with random weights (timing does not depend on the weights'
+values, answers do) behind the trained `shapes-detector` of the repository's model_store
+when there is one (how many regions it keeps does change the timing), else a detector
+with random weights.
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
+SHIPPED_STORE = ROOT / "model_store"
+SHIPPED_DETECTOR = "shapes-detector"  # trained by `vqa train detector`
 SHAPE_CLASSES = 3  # circle, rectangle, triangle (background not counted)
 SHAPE_ATTRIBUTES = {"color": 8, "size": 2}
 
@@ -48,13 +53,28 @@ def demo_config(kind: str, feature_dim: int) -> dict:
     )
 
 
-def write_demo_store(
-    root: Path, kinds=("lxmert", "vilbert"), detector: str = "tiny", seed: int = 0
-) -> dict[str, str]:
-    """A store with a detector and demo-size backbones, random weights; returns refs by kind.
+def shipped_detector() -> str | None:
+    """`shapes-detector@N` of the repository's model_store when one is there, else None."""
+    from service.store import ModelNotFound, ModelStore
 
-    The detector named `shapes-detector` in /work/main/model_store, when trained, can be
-    used instead with `--store`; nothing here downloads anything.
+    try:
+        return ModelStore(SHIPPED_STORE).resolve(SHIPPED_DETECTOR).ref
+    except (ModelNotFound, OSError, ValueError):
+        return None
+
+
+def write_demo_store(
+    root: Path,
+    kinds=("lxmert", "vilbert"),
+    detector: str = "tiny",
+    seed: int = 0,
+    trained_detector: str | None = None,
+) -> dict[str, str]:
+    """A store with a detector and demo-size backbones (random weights); refs by kind.
+
+    trained_detector: a ref in the repository's model_store (`shipped_detector()`) whose
+    weights are copied in (a trained detector keeps fewer regions than a random one: 10
+    on shapes images, not 36); None = random weights of `DetectorConfig(backbone=detector)`.
     """
     from service.data.language import ANSWERS
     from service.data.tokenizer import load_tokenizer
@@ -64,14 +84,16 @@ def write_demo_store(
 
     torch.manual_seed(seed)
     store = ModelStore(root)
-    det_cfg = detector_config(detector)
-    det_module = RegionDetector.from_config(det_cfg)
-    det = store.write(
-        f"bench-detector-{detector.replace('_', '-')}",
-        "detector",
-        {"model.safetensors": det_module.state_dict()},
-        config=det_cfg,
-    )
+    if trained_detector is not None:
+        shipped = ModelStore(SHIPPED_STORE)
+        manifest = shipped.resolve(trained_detector)
+        det_cfg, tensors = manifest.config, shipped.load_tensors(manifest)
+        name = manifest.name
+    else:
+        det_cfg = detector_config(detector)
+        tensors = RegionDetector.from_config(det_cfg).state_dict()
+        name = f"bench-detector-{detector.replace('_', '-')}"
+    det = store.write(name, "detector", {"model.safetensors": tensors}, config=det_cfg)
     tok_dir = root.parent / "tokenizer"
     load_tokenizer().save_pretrained(tok_dir)
     tok_files = {p.name: p for p in tok_dir.iterdir()}
@@ -92,6 +114,15 @@ def write_demo_store(
         )
         refs[kind] = m.ref
     return refs
+
+
+def describe_weights(trained_detector: str | None, detector: str = "tiny") -> str:
+    det = (
+        f"{trained_detector} (trained, repository model_store)"
+        if trained_detector
+        else f"{detector} with random weights"
+    )
+    return f"backbone: random weights at the demo size (pretrain.default_config); detector: {det}"
 
 
 # ---- images and questions ------------------------------------------------------------------

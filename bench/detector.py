@@ -1,13 +1,15 @@
 """Detector throughput on this CPU: images per second of `extract` at batch 1 and 16.
 
     .venv/bin/python bench/detector.py [--model shapes-detector] [--store model_store]
-        [--data /work/data/shapes] [--resnet] [--out bench/results/detector_cpu.json]
+        [--data /work/data/shapes] [--resnet] [--threads 1 2]
+        [--out bench/results/detector_cpu.json]
 
 The tiny detector reads 128 px shapes-world test images (the stored model when
 --model names one, else random weights of the default config: the same work per
 image, give or take the regions kept). --resnet adds torchvision's ResNet-50 FPN
 (random weights, nothing downloaded) at batch 1 on a 600 x 600 image. Each setting
-runs `--warmup` untimed calls, then `--repeats` timed ones; the median is reported.
+runs `--warmup` untimed calls, then `--repeats` timed ones; the median is reported,
+for each torch thread count in --threads.
 Not a test: numbers depend on the machine and on what else runs there, so the JSON
 records the CPU, the torch threads and the load average before and after.
 """
@@ -89,7 +91,7 @@ def machine() -> dict:
         "cpu": cpu,
         "cores": os.cpu_count(),
         "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads_default": torch.get_num_threads(),
         "python": platform.python_version(),
     }
 
@@ -102,25 +104,30 @@ def main() -> None:
     p.add_argument("--resnet", action="store_true", help="also ResNet-50 FPN at 600 px, batch 1")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--repeats", type=int, default=20)
+    p.add_argument("--threads", type=int, nargs="+", default=[torch.get_num_threads()])
     p.add_argument("--out", default="bench/results/detector_cpu.json")
     args = p.parse_args()
 
     load_before = os.getloadavg()
+    facts = machine()  # before --threads changes the count
     model, name = tiny_detector(args.model, args.store)
     images = shapes_images(args.data, 64)
-    results = [
-        {"model": name, **time_extract(model, images, b, args.warmup, args.repeats)}
-        for b in (1, 16)
-    ]
+    big = None
     if args.resnet:
         torch.manual_seed(0)
         big = RegionDetector.from_config(DetectorConfig(backbone="resnet50_fpn")).eval()
-        image = [torch.rand(3, 600, 600)]
-        r = time_extract(big, image, 1, 1, max(3, args.repeats // 4))
-        results.append({"model": "resnet50_fpn (random weights)", **r})
+    results = []
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        for batch in (1, 16):
+            r = time_extract(model, images, batch, args.warmup, args.repeats)
+            results.append({"model": name, "threads": threads, **r})
+        if big is not None:
+            r = time_extract(big, [torch.rand(3, 600, 600)], 1, 1, max(3, args.repeats // 4))
+            results.append({"model": "resnet50_fpn (random weights)", "threads": threads, **r})
     report = {
         "command": "python bench/detector.py " + " ".join(sys.argv[1:]),
-        "machine": machine(),
+        "machine": facts,
         "load_average_1m_before_after": [round(load_before[0], 2), round(os.getloadavg()[0], 2)],
         "results": results,
     }

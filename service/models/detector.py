@@ -339,9 +339,12 @@ class AttributeRoIHeads(RoIHeads):
 
     Training: Fast R-CNN's class and box losses plus one cross-entropy per attribute
     on the positive RoIs, against the attributes of the ground truth each matched.
-    Inference: per image, `select_regions` picks min..max regions; their final boxes
-    are pooled again, so features, class probabilities and attributes describe the
-    boxes returned.
+    Inference: each proposal's box is regressed for its best class and pooled again,
+    so features, class probabilities and attributes describe the boxes returned; then
+    per image `select_regions` picks min..max of these boxes by those probabilities. A
+    region's label and score are the class it was kept for (its best class that
+    survived per-class NMS) and that class's probability, as bottom-up ranks regions:
+    a near-duplicate of a kept box, kept only to fill up to min_regions, scores low.
     """
 
     def __init__(
@@ -423,27 +426,38 @@ class AttributeRoIHeads(RoIHeads):
             self.pooled(features, proposals, image_shapes)
         )
         boxes = self.box_coder.decode(box_regression, proposals)  # (sum N, C+1, 4)
-        probs = F.softmax(class_logits, dim=-1)  # (sum N, C+1)
+        best = class_logits[:, 1:].argmax(dim=1) + 1  # (sum N,) best foreground class
+        boxes = boxes[torch.arange(len(boxes), device=boxes.device), best]  # (sum N, 4)
         counts = [len(p) for p in proposals]
-        final = []
-        per_image = zip(boxes.split(counts), probs.split(counts), image_shapes, strict=True)
-        for b, p, shape in per_image:
-            b = box_ops.clip_boxes_to_image(b, shape)
+        candidates = [
+            box_ops.clip_boxes_to_image(b, shape)
+            for b, shape in zip(boxes.split(counts), image_shapes, strict=True)
+        ]
+        # Selecting on the probabilities of the re-pooled boxes keeps NMS and the
+        # reported scores consistent: no duplicate that NMS removed comes back strong.
+        found = self.describe(features, candidates, image_shapes)
+        for d in found:
+            n, c = d["class_probs"].shape[0], d["class_probs"].shape[1] - 1
             idx, cls = select_regions(
-                b[:, 1:],
-                p[:, 1:],
+                d["boxes"][:, None, :].expand(n, c, 4),
+                d["class_probs"][:, 1:],
                 self.nms_thresh,
                 self.score_thresh,
                 self.min_regions,
                 self.max_regions,
             )
-            final.append(b[idx, cls + 1])
-        return self.describe(features, final, image_shapes)
+            d["labels"] = cls + 1
+            d["scores"] = d["class_probs"][idx, cls + 1]
+            for key in ("boxes", "features", "class_probs"):
+                d[key] = d[key][idx]
+            d["attributes"] = {k: v[idx] for k, v in d["attributes"].items()}
+        return found
 
     def describe(
         self, features: dict[str, Tensor], boxes: list[Tensor], image_shapes: list[tuple[int, int]]
     ) -> list[dict[str, Any]]:
-        """Pool the final boxes again: features, classes and attributes of exactly these."""
+        """Pool boxes again: features, classes and attributes of exactly these boxes
+        (labels and scores here are the argmax; `detect` replaces them)."""
         x = self.pooled(features, boxes, image_shapes)  # (sum K, D)
         class_logits, _ = self.box_predictor(x)
         class_probs = F.softmax(class_logits, dim=-1)

@@ -21,9 +21,10 @@ class Regions:
     boxes: Tensor  # (N, 4) x1, y1, x2, y2 in the image's original pixels
     features: Tensor  # (N, D) box-head output pooled from exactly these boxes
     class_probs: Tensor  # (N, C + 1) softmax, column 0 = background
-    labels: Tensor  # (N,) long, argmax over the foreground classes, 1-based
+    labels: Tensor  # (N,) long, 1-based: the class the region was kept for (see below)
     attributes: dict[str, Tensor]  # attribute name -> (N, V) softmax
-    scores: Tensor  # (N,) highest foreground probability
+    scores: Tensor  # (N,) class_probs of that class; the argmax unless NMS removed the
+    # region from its best class and it was kept only to fill up to min_regions
     image_size: tuple[int, int]  # (H, W) of the original image
 
     def __len__(self) -> int:

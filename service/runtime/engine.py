@@ -343,10 +343,17 @@ def _model_info(b: LoadedBackbone) -> dict:
 
 
 def region_list(regions: DetectedRegions) -> list[dict]:
+    # tolist() once, not float() per element: the same values, a fraction of the time
+    boxes, scores = regions.boxes.tolist(), regions.scores.tolist()
     return [
-        {"box": _box(box), "label": label, "score": round(float(score), 6), "attributes": attrs}
+        {
+            "box": [round(v, 2) for v in box],
+            "label": label,
+            "score": round(score, 6),
+            "attributes": attrs,
+        }
         for box, label, score, attrs in zip(
-            regions.boxes, regions.labels, regions.scores, regions.attributes, strict=True
+            boxes, regions.labels, scores, regions.attributes, strict=True
         )
     ]
 

@@ -55,7 +55,7 @@ def run_train_detector(
     config_overrides: dict | None = None,
     steps: int = 4000,
     batch_size: int = 8,
-    lr: float = 2e-3,
+    lr: float = 1e-3,
     seed: int = 0,
     include_easyvqa: bool = True,
     eval_every: int = 500,
@@ -213,37 +213,28 @@ def single_object_metrics(
     plus `detection_metrics` (map50, color_accuracy, ...) on those images.
     """
     regions = extract_all(model, records, image_root, **kw)
-    top_iou, best_right, labelled = [], [], []
     cfg = model.config
-    for r, rec in zip(regions, records, strict=True):
-        gt = torch.tensor([rec["objects"][0]["box"]], dtype=torch.float32)
-        ious = box_iou(r.boxes, gt)[:, 0]  # (N,)
+    found, covered, right, stated = 0, 0, [], []
+    for i, (r, record) in enumerate(zip(regions, records, strict=True)):
+        obj = record["objects"][0]
+        ious = box_iou(r.boxes, torch.tensor([obj["box"]], dtype=torch.float32))[:, 0]  # (N,)
         top = int(r.scores.argmax())
-        top_iou.append((float(ious[top]), float(ious.max())))
-        shape = rec["objects"][0]["shape"]
-        if shape in cfg.class_names:
-            labelled.append(True)
-            best_right.append(int(r.labels[top]) == cfg.class_names.index(shape) + 1)
-        else:
-            labelled.append(False)
+        found += bool(ious[top] >= IOU)
+        covered += bool(ious.max() >= IOU)
+        if obj["shape"] in cfg.class_names:
+            stated.append(i)
+            right.append(int(r.labels[top]) == cfg.class_names.index(obj["shape"]) + 1)
     n = len(records)
     out = {
         "images": n,
-        "shape_found": sum(t >= IOU for t, _ in top_iou) / n,
-        "recall50": sum(m >= IOU for _, m in top_iou) / n,
-        "stated_shape_images": len(best_right),
-        "class_accuracy": sum(best_right) / len(best_right) if best_right else None,
+        "shape_found": found / n,
+        "recall50": covered / n,
+        "stated_shape_images": len(stated),
+        "class_accuracy": sum(right) / len(right) if right else None,
     }
-    kept = [i for i, ok in enumerate(labelled) if ok]
-    targets = usable([records[i] for i in kept], cfg)
-    out.update(
-        detection_metrics(
-            [regions[i] for i in kept],
-            [t for _, t in targets],
-            cfg.class_names,
-            list(cfg.attributes),
-        )
-    )
+    targets = [t for _, t in usable([records[i] for i in stated], cfg)]
+    names = list(cfg.attributes)
+    out.update(detection_metrics([regions[i] for i in stated], targets, cfg.class_names, names))
     return out
 
 
