@@ -115,7 +115,12 @@ def run_demo(
     state.run(
         "detector_eval",
         lambda: run_eval_detector(
-            det, store_root, data, easyvqa=recipe.include_easyvqa, device=device
+            det,
+            store_root,
+            data,
+            easyvqa=recipe.include_easyvqa,
+            device=device,
+            out=work / "reports",
         ),
         log,
     )
@@ -198,6 +203,7 @@ def _backbone_stages(
             device=device,
             easyvqa=recipe.include_easyvqa,
             seed=recipe.seed,
+            out_dir=ckpt.parent / "reports" / kind,
         ),
         log,
     )
