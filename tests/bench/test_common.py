@@ -53,3 +53,25 @@ def test_service_process_serves_the_store_and_stops(tiny_store, tmp_path):
         assert [m["name"] for m in models] == ["tiny-lxmert"]
         assert process_cpu_s(pid) > 0
     assert service.proc.returncode is not None  # SIGTERM ended it
+
+
+def test_the_trained_detector_is_copied_in_when_the_repository_has_one(
+    tiny_store, tmp_path, monkeypatch
+):
+    import bench.common
+
+    store, refs = tiny_store
+    monkeypatch.setattr(bench.common, "SHIPPED_STORE", tmp_path / "nothing here")
+    assert bench.common.shipped_detector() is None
+    monkeypatch.setattr(bench.common, "SHIPPED_STORE", store)
+    monkeypatch.setattr(bench.common, "SHIPPED_DETECTOR", "tiny-detector")
+    shipped = bench.common.shipped_detector()
+    assert shipped == refs["detector"]
+
+    demo = write_demo_store(tmp_path / "demo", kinds=("lxmert",), trained_detector=shipped)
+    ours, theirs = ModelStore(tmp_path / "demo"), ModelStore(store)
+    copied = ours.load_tensors(ours.resolve(demo["detector"]))
+    original = theirs.load_tensors(theirs.resolve(shipped))
+    assert copied.keys() == original.keys()
+    assert all(copied[k].equal(original[k]) for k in copied)
+    assert ours.resolve(demo["lxmert"]).config["visual_feat_dim"] == 32  # its region size
