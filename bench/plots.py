@@ -51,7 +51,7 @@ def batching_throughput(result: dict, out: Path) -> Path:
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("answers per second")
     axes[0].legend(fontsize=8)
-    fig.suptitle(f"POST /v1/vqa throughput, {result['model']} ({result['weights']})", fontsize=10)
+    fig.suptitle(f"POST /v1/vqa throughput, {result['model']} (weights: see the JSON)", fontsize=10)
     _caption(fig, result)
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     return _save(fig, out / "batching_throughput.png")
