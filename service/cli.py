@@ -67,11 +67,9 @@ def _command_line() -> str:
     return "vqa " + " ".join(sys.argv[1:])
 
 
-def _train_pretrain(args: argparse.Namespace) -> None:
-    from service.training.pretrain import run_pretrain
-
-    m = run_pretrain(
-        args.backbone,
+def _training_kwargs(args: argparse.Namespace) -> dict:
+    """The flags `_add_training_args` gives pretrain and finetune, as keyword arguments."""
+    return dict(
         features_dir=args.features,
         data_dir=args.data,
         store_root=args.store,
@@ -81,11 +79,16 @@ def _train_pretrain(args: argparse.Namespace) -> None:
         batch_size=args.batch_size,
         lr=args.lr,
         seed=args.seed,
-        init_text=args.init_text,
         checkpoint_dir=args.checkpoint_dir,
         device=args.device,
         command=_command_line(),
     )
+
+
+def _train_pretrain(args: argparse.Namespace) -> None:
+    from service.training.pretrain import run_pretrain
+
+    m = run_pretrain(args.backbone, init_text=args.init_text, **_training_kwargs(args))
     print(f"wrote {m.ref} to {m.path}")
 
 
@@ -103,20 +106,9 @@ def _train_finetune(args: argparse.Namespace) -> None:
         args.task,
         args.init,
         backbone=args.backbone,
-        features_dir=args.features,
-        data_dir=args.data,
-        store_root=args.store,
-        detector_ref=args.detector,
-        out_name=args.name,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
         label_fraction=args.label_fraction,
         include_easyvqa=args.include_easyvqa,
-        checkpoint_dir=args.checkpoint_dir,
-        device=args.device,
-        command=_command_line(),
+        **_training_kwargs(args),
     )
     print(f"wrote {m.ref} to {m.path}")
 
