@@ -29,7 +29,9 @@ echo "${PIPESTATUS[0]}" >"$OUT/bench.rc"
 
 budget=$(($(left) - 15))
 if [ "$budget" -gt 30 ]; then
-  timeout "$budget" "$PY" -m pytest -q -m "not load" -p no:cacheprovider >"$OUT/pytest.txt" 2>&1
+  # GPU_TESTS: test paths to run (default: the whole suite)
+  timeout "$budget" "$PY" -m pytest -q -m "not load" -p no:cacheprovider ${GPU_TESTS:-} \
+    >"$OUT/pytest.txt" 2>&1
   echo $? >"$OUT/pytest.rc"
 else
   echo "skipped: no time left" >"$OUT/pytest.txt"

@@ -93,9 +93,13 @@ def _train_pretrain(args: argparse.Namespace) -> None:
 
 
 def _train_demo(args: argparse.Namespace) -> None:
-    from service.training.demo import run_demo
+    from service.training.demo import DemoRecipe, run_demo
 
-    state = run_demo(args.work, args.store, device=args.device, command=_command_line())
+    overrides = {"backbones": tuple(args.backbones)} if args.backbones else {}
+    recipe = (
+        DemoRecipe.from_json(args.recipe, **overrides) if args.recipe else DemoRecipe(**overrides)
+    )
+    state = run_demo(args.work, args.store, recipe, device=args.device, command=_command_line())
     print(json.dumps({k: v.get("ref", v.get("seconds")) for k, v in state.items()}, indent=2))
 
 
@@ -201,11 +205,36 @@ def _add_training_args(p: argparse.ArgumentParser, steps: int, lr: float) -> Non
 
 
 def _serve(args: argparse.Namespace) -> None:
+    if args.engine == "ray":
+        return _serve_ray(args)
     try:
         from service.app import run_server
     except ImportError as exc:
         raise CliError(f"the HTTP service is not built yet in this version ({exc})") from exc
     run_server(args)
+
+
+def _serve_ray(args: argparse.Namespace) -> None:
+    """The same app as N Ray Serve replicas (the optional [ray] extra)."""
+    from service.config import Settings
+
+    try:
+        from service.ray_serve import run_ray
+    except ImportError as exc:
+        raise CliError(f"--engine ray needs the [ray] extra: pip install '.[ray]' ({exc})") from exc
+    if args.replicas < 1:
+        raise CliError("--replicas must be at least 1")
+    # As `run_server`: flags override VQA_* variables; Settings ignores the Ray flags.
+    overrides = {
+        k: v for k, v in vars(args).items() if v is not None and k not in ("func", "command")
+    }
+    run_ray(
+        Settings(**overrides),
+        args.replicas,
+        ray_address=args.ray_address,
+        cpus_per_replica=args.cpus_per_replica,
+        gpus_per_replica=args.gpus_per_replica,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -224,6 +253,25 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-queue", type=int, default=None)
     serve.add_argument("--timeout-s", type=float, default=None)
     serve.add_argument("--drain-timeout-s", type=float, default=None)
+    serve.add_argument(
+        "--engine",
+        choices=["local", "ray"],
+        default="local",
+        help="local: one process (uvicorn); ray: replicas on Ray Serve (the [ray] extra)",
+    )
+    serve.add_argument("--replicas", type=int, default=1, help="--engine ray: app replicas")
+    serve.add_argument(
+        "--ray-address", default=None, help="--engine ray: cluster to join (default: start one)"
+    )
+    serve.add_argument(
+        "--cpus-per-replica", type=float, default=1.0, help="--engine ray: CPUs each reserves"
+    )
+    serve.add_argument(
+        "--gpus-per-replica",
+        type=float,
+        default=0.0,
+        help="--engine ray: GPUs each reserves; a fraction (0.5) shares one GPU",
+    )
     serve.set_defaults(func=_serve)
 
     data = sub.add_parser("data", help="generate and inspect data sets")
@@ -266,6 +314,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--work", default="data/demo", help="data, features and checkpoints")
     demo.add_argument("--store", default="model_store")
     demo.add_argument("--device", default="cpu")
+    demo.add_argument(
+        "--recipe", help="JSON file of DemoRecipe fields to change (steps, lr, time boxes, ...)"
+    )
+    demo.add_argument("--backbones", nargs="+", choices=["vilbert", "lxmert"], help="default: both")
     demo.set_defaults(func=_train_demo)
     det = train_sub.add_parser("detector", help="train the region detector on the shapes world")
     det.add_argument("--data", default="data/shapes", help="shapes-world data folder")

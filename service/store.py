@@ -11,6 +11,7 @@ place, so readers see a complete entry or none, and a failed write leaves nothin
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import re
@@ -22,10 +23,12 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 KINDS = ("detector", "vilbert", "lxmert")
 MANIFEST = "manifest.json"
+WEIGHTS = "model.safetensors"
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
 _FILENAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _REF = re.compile(r"(?P<name>[^@]+)(?:@(?P<version>[^@]+))?")
@@ -65,6 +68,9 @@ class Manifest:
     created: str = ""  # ISO 8601, UTC
     metrics: dict = field(default_factory=dict)
     tasks: list[str] = field(default_factory=list)
+    # tensors kept out of the entry and read from an installed package (frozen weights):
+    # state key -> {"package": module, "file": path inside it, "key": tensor, "sha256": file's}
+    external: dict[str, dict[str, str]] = field(default_factory=dict)
     path: Path = field(default=Path(), compare=False)
 
     @property
@@ -107,6 +113,43 @@ def sha256_file(path: Path | str) -> str:
     """Hex sha256 of a file, read in chunks."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _check_sha256(path: Path, expected: str, ref: str) -> None:
+    if not path.is_file():
+        raise ChecksumMismatch(path, f"missing (listed in {ref}'s manifest)")
+    got = sha256_file(path)
+    if got != expected:
+        raise ChecksumMismatch(
+            path,
+            f"sha256 mismatch (expected {expected[:12]}.., got {got[:12]}..): "
+            "the file was changed or corrupted",
+        )
+
+
+def package_file(external: dict[str, str]) -> Path:
+    """The file an external tensor lives in, inside its installed package."""
+    spec = importlib.util.find_spec(external["package"])
+    if spec is None or not spec.submodule_search_locations:
+        raise StoreError(
+            f"package {external['package']!r} is not installed; it holds the frozen "
+            f"tensor {external['key']!r} this model references"
+        )
+    return Path(spec.submodule_search_locations[0]) / external["file"]
+
+
+def external_ref(package: str, file: str, key: str) -> dict[str, str]:
+    """An `external` entry for `key` of <package>/<file>, pinned by the file's sha256."""
+    ref = {"package": package, "file": file, "key": key}
+    return {**ref, "sha256": sha256_file(package_file(ref))}
+
+
+def _external_tensors(external: dict[str, dict[str, str]]) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, ref in external.items():
+        with safe_open(str(package_file(ref)), "pt") as f:
+            out[name] = f.get_tensor(ref["key"])
+    return out
 
 
 def _check_name(name: str) -> None:
@@ -209,21 +252,19 @@ class ModelStore:
         return manifest.path / filename
 
     def verify(self, manifest: Manifest, filenames: list[str] | None = None) -> None:
-        """Check that every listed file (or just `filenames`) is there with its sha256."""
-        for filename in manifest.files if filenames is None else filenames:
-            path = self.file_path(manifest, filename)
-            if not path.is_file():
-                raise ChecksumMismatch(path, f"missing (listed in {manifest.ref}'s manifest)")
-            expected, got = manifest.files[filename], sha256_file(path)
-            if got != expected:
-                raise ChecksumMismatch(
-                    path,
-                    f"sha256 mismatch (expected {expected[:12]}.., got {got[:12]}..): "
-                    "the file was changed or corrupted",
-                )
+        """Check that every listed file (or just `filenames`) is there with its sha256;
+        with no `filenames`, the package files of its external tensors too."""
+        checks = [
+            (self.file_path(manifest, f), manifest.files[f])
+            for f in (manifest.files if filenames is None else filenames)
+        ]
+        if filenames is None:
+            checks += [(package_file(e), e["sha256"]) for e in manifest.external.values()]
+        for path, expected in dict(checks).items():
+            _check_sha256(path, expected, manifest.ref)
 
     def load_tensors(
-        self, manifest: Manifest, filename: str = "model.safetensors", verify: bool = True
+        self, manifest: Manifest, filename: str = WEIGHTS, verify: bool = True
     ) -> dict[str, torch.Tensor]:
         """The tensors of one safetensors file; with `verify`, first check the whole entry
         (weights, tokenizer files, ...) against its sha256s, as loading it to serve needs."""
@@ -232,7 +273,10 @@ class ModelStore:
         path = self.file_path(manifest, filename)
         if verify:
             self.verify(manifest)
-        return load_file(path)
+        tensors = load_file(path)
+        if filename == WEIGHTS:
+            tensors.update(_external_tensors(manifest.external))
+        return tensors
 
     # writing
 

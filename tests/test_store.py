@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from service.store import (
     ChecksumMismatch,
@@ -16,6 +17,7 @@ from service.store import (
     ModelNotFound,
     ModelStore,
     StoreError,
+    external_ref,
     sha256_file,
 )
 
@@ -268,3 +270,49 @@ def test_a_manifest_in_the_wrong_folder_is_refused(store):
     os.rename(m.path, m.path.parent / "2")
     with pytest.raises(StoreError, match="says foo@1"):
         store.list()
+
+
+@pytest.fixture
+def package(tmp_path, monkeypatch):
+    """An installed package `frozen_pkg` holding weights/table.safetensors."""
+    root = tmp_path / "site"
+    (root / "frozen_pkg" / "weights").mkdir(parents=True)
+    (root / "frozen_pkg" / "__init__.py").write_text("")
+    save_file(
+        {"table": torch.arange(12.0).reshape(3, 4)}, root / "frozen_pkg/weights/t.safetensors"
+    )
+    monkeypatch.syspath_prepend(str(root))
+    return root / "frozen_pkg"
+
+
+def test_external_tensors_load_from_their_package_and_are_checked(store, package):
+    ref = external_ref("frozen_pkg", "weights/t.safetensors", "table")
+    m = store.write(
+        "ext",
+        "vilbert",
+        {"model.safetensors": {"w": torch.ones(2)}},
+        config={},
+        external={"emb": ref},
+    )
+    assert ModelStore(store.root).resolve("ext").external == {"emb": ref}
+    tensors = store.load_tensors(m)
+    assert torch.equal(tensors["emb"], torch.arange(12.0).reshape(3, 4))
+    assert torch.equal(tensors["w"], torch.ones(2))
+    save_file(
+        {"table": torch.zeros(3, 4)}, package / "weights/t.safetensors"
+    )  # the package changed
+    with pytest.raises(ChecksumMismatch, match="t.safetensors"):
+        store.load_tensors(m)
+
+
+def test_an_external_tensor_from_a_missing_package_says_which(store):
+    ref = {"package": "no_such_pkg_here", "file": "w.safetensors", "key": "k", "sha256": "0" * 64}
+    m = store.write(
+        "ext",
+        "vilbert",
+        {"model.safetensors": {"w": torch.ones(2)}},
+        config={},
+        external={"emb": ref},
+    )
+    with pytest.raises(StoreError, match="no_such_pkg_here"):
+        store.load_tensors(m)

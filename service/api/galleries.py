@@ -59,5 +59,6 @@ async def delete_image(name: GalleryName, image_id: ImageId, engine: EngineDep) 
 @router.post("/{name}/search", response_model=SearchResponse)
 async def search(name: GalleryName, body: SearchRequest, engine: EngineDep):
     """Vector search over the dual embeddings, then the top `rerank` rescored by the
-    cross-attention alignment head."""
+    cross-attention alignment head. `model` is the version the gallery is bound to; a model
+    reload moves the gallery to the new version (re-indexed from its stored regions)."""
     return await engine.galleries.search(name, body.caption, body.k, body.rerank)

@@ -23,6 +23,11 @@ async def reload_model(name: ModelName, engine: EngineDep) -> dict:
     """Serve the model store's newest version of `name` in place of the loaded one.
 
     Requests already running finish on the old version; later ones get the new one.
-    Returns the version now served (unchanged if the store has nothing newer).
+    Galleries bound to the old version are re-indexed onto the new one from their stored
+    region features (searches use the old version until then) before this returns.
+    Returns the version now served (unchanged if the store has nothing newer). 409 when the
+    new version reads another detector's regions than galleries hold; 500 reload_failed
+    when it cannot load (the old one keeps serving) or a gallery could not be re-indexed
+    (it keeps searching with the old version; reloading again retries).
     """
     return await engine.reload(name)

@@ -3,6 +3,10 @@
 Stage one: faiss over the single-modality embeddings (text vs image, no cross
 attention), cheap for any gallery size. Stage two: the top `rerank` hits rescored by
 the backbone's cross-attention alignment head on the stored region features.
+
+Image embeddings are computed from the region features as stored (float16), so
+`reindex` recomputes them for another model version from the database alone and gets
+what adding the images to a fresh gallery on that version gives.
 """
 
 from __future__ import annotations
@@ -11,14 +15,18 @@ import asyncio
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from service.data.collate import RegionSet
 from service.errors import Conflict
-from service.gallery.storage import GalleryStorage, StoredImage
+from service.gallery.storage import GalleryStorage, Rebound, StoredImage
 
 if TYPE_CHECKING:  # the engine drives the models; galleries only call it
     from service.runtime.engine import Engine
+    from service.runtime.worker import LoadedBackbone
+
+ATTEMPTS = 3  # tries of a request that races a re-index (each retry uses the new version)
 
 
 class Galleries:
@@ -47,33 +55,52 @@ class Galleries:
 
     async def add(self, name: str, images: list[tuple[str | None, bytes]]) -> list[str]:
         """Detect and embed every image first; then store them all in one transaction."""
-        backbone = self.engine.backbone(await asyncio.to_thread(self.storage.model_of, name))
         decoded = await asyncio.gather(*(self.engine.decode(data) for _, data in images))
         ids = [
             given or image.sha256[:16] for (given, _), image in zip(images, decoded, strict=True)
         ]
         if len(set(ids)) != len(ids):
             raise Conflict("two images in this request have the same id (or the same bytes)")
-        regions = await asyncio.gather(*(self.engine.regions(backbone, im) for im in decoded))
-        sets = [r.region_set for r in regions]
-        loop = asyncio.get_running_loop()
-        embeddings = await loop.run_in_executor(
-            self.engine.worker.executor, self.engine.worker.embed_images, backbone, sets
-        )
-        stored = [
-            StoredImage(i, im.sha256, emb, rs.features.numpy(), rs.boxes.numpy())
-            for i, im, emb, rs in zip(ids, decoded, embeddings, sets, strict=True)
-        ]
-        await asyncio.to_thread(self.storage.add, name, stored)
-        return ids
+        for attempt in range(ATTEMPTS):
+            model = await asyncio.to_thread(self.storage.model_of, name)
+            async with self.engine.gallery_model(model) as backbone:
+                regions = await asyncio.gather(
+                    *(self.engine.regions(backbone, im) for im in decoded)
+                )
+                sets = [as_stored(r.region_set) for r in regions]
+                embeddings = await self._embed(backbone, sets)
+            stored = [
+                StoredImage(i, im.sha256, emb, rs.features.numpy(), rs.boxes.numpy())
+                for i, im, emb, rs in zip(ids, decoded, embeddings, sets, strict=True)
+            ]
+            try:
+                await asyncio.to_thread(self.storage.add, name, stored, model)
+                return ids
+            except Rebound:
+                if attempt == ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
 
     async def search(self, name: str, caption: str, k: int, rerank: int) -> dict:
+        for attempt in range(ATTEMPTS):
+            model = await asyncio.to_thread(self.storage.model_of, name)
+            try:
+                async with self.engine.gallery_model(model) as backbone:
+                    hits = await self._search(backbone, name, caption, k, rerank)
+                return {"model": model, "results": hits}
+            except Rebound:
+                if attempt == ATTEMPTS - 1:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def _search(
+        self, backbone: LoadedBackbone, name: str, caption: str, k: int, rerank: int
+    ) -> list[dict]:
         from service.runtime.worker import EncodeItem
 
-        model = await asyncio.to_thread(self.storage.model_of, name)
-        backbone = self.engine.backbone(model)
+        ref = backbone.manifest.ref
         [query] = await self.engine.encode(backbone, [EncodeItem("embed_text", caption, None)])
-        hits = await asyncio.to_thread(self.storage.nearest, name, query, max(k, rerank))
+        hits = await asyncio.to_thread(self.storage.nearest, name, query, max(k, rerank), ref)
         if rerank and hits:
             head = [i for i, _ in hits[:rerank]]
             regions = await asyncio.to_thread(self.storage.regions, name, head)
@@ -85,7 +112,42 @@ class Galleries:
             scores = torch.sigmoid(torch.tensor(logits)).tolist()
             reranked = sorted(zip(head, scores, strict=True), key=lambda h: -h[1])
             hits = reranked + hits[rerank:]
-        return {
-            "model": model,
-            "results": [{"id": i, "score": round(float(s), 6)} for i, s in hits[:k]],
-        }
+        return [{"id": i, "score": round(float(s), 6)} for i, s in hits[:k]]
+
+    # -- moving to another model version ---------------------------------------------
+    async def reindex(self, name: str, old: str, backbone: LoadedBackbone) -> int:
+        """Re-embed gallery `name` (bound to `old`) with `backbone` from its stored region
+        features, then rebind it to backbone's version in one transaction.
+
+        Until that commit the gallery serves on `old` (the caller keeps it loaded). Images
+        added meanwhile are embedded in a further round. Returns the number of images.
+        """
+        embeddings: dict[str, np.ndarray] = {}
+        pages = self.storage.region_pages(name)  # read on a thread, page by page
+        while page := await asyncio.to_thread(next, pages, None):
+            embeddings.update(await self._embed_stored(backbone, dict(zip(*page, strict=True))))
+        new = backbone.manifest.ref
+        while missing := await asyncio.to_thread(self.storage.rebind, name, old, new, embeddings):
+            stored = await asyncio.to_thread(self.storage.region_map, name, missing)
+            embeddings.update(await self._embed_stored(backbone, stored))
+        return len(embeddings)
+
+    async def _embed_stored(
+        self, backbone: LoadedBackbone, regions: dict[str, tuple[np.ndarray, np.ndarray]]
+    ) -> dict[str, np.ndarray]:
+        """id -> embedding (D,) of stored (features, boxes)."""
+        if not regions:
+            return {}
+        sets = [RegionSet(torch.from_numpy(f), torch.from_numpy(b)) for f, b in regions.values()]
+        return dict(zip(regions, await self._embed(backbone, sets), strict=True))
+
+    async def _embed(self, backbone: LoadedBackbone, sets: list[RegionSet]) -> np.ndarray:
+        """(N, D) image embeddings, on the worker thread, between batches."""
+        loop = asyncio.get_running_loop()
+        worker = self.engine.worker
+        return await loop.run_in_executor(worker.executor, worker.embed_images, backbone, sets)
+
+
+def as_stored(regions: RegionSet) -> RegionSet:
+    """The regions as the database keeps them: features rounded to float16."""
+    return RegionSet(regions.features.half().float(), regions.boxes)

@@ -4,6 +4,10 @@ Each image keeps what search needs so the detector never runs twice on it: the
 single-modality image embedding (first stage, faiss) and the region features and
 boxes (second stage, the cross-attention rerank). Every write is one SQLite
 transaction, so it happens whole or not at all, and survives restarts.
+
+Because the region features are stored, a gallery can move to another version of its
+model without its images: `rebind` swaps in the new embeddings and the new model in one
+transaction (the faiss index is rebuilt from them on the next search).
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from service.errors import Conflict, NotFound
+from service.errors import Conflict, NotFound, Unavailable
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS galleries (
@@ -34,6 +38,13 @@ CREATE TABLE IF NOT EXISTS images (
     PRIMARY KEY (gallery, id)
 );
 """
+
+
+class Rebound(Unavailable):
+    """The gallery moved to another model version while a request was computing with the old
+    one; computing again with the new one succeeds."""
+
+    retry_after_s = 1.0
 
 
 @dataclass
@@ -58,6 +69,7 @@ class GalleryStorage:
         self._db.executescript(SCHEMA)
         self._lock = threading.RLock()
         self._indexes: dict[str, tuple[faiss.Index, list[str]]] = {}
+        self._data_version = self._version()
 
     def close(self) -> None:
         with self._lock:
@@ -79,6 +91,11 @@ class GalleryStorage:
             raise NotFound(f"no gallery named {name!r}")
         return row[0]
 
+    def bindings(self) -> dict[str, str]:
+        """Every gallery's name -> the model ref (name@version) it is bound to."""
+        with self._lock:
+            return dict(self._db.execute("SELECT name, model FROM galleries").fetchall())
+
     def count(self, name: str) -> int:
         self.model_of(name)
         return self._query_one("SELECT COUNT(*) FROM images WHERE gallery = ?", (name,))[0]
@@ -91,13 +108,17 @@ class GalleryStorage:
             self._indexes.pop(name, None)
 
     # -- images --------------------------------------------------------------------
-    def add(self, name: str, images: list[StoredImage]) -> None:
-        """Add all images or none: an id already there (or twice in the batch) is a Conflict."""
+    def add(self, name: str, images: list[StoredImage], model: str | None = None) -> None:
+        """Add all images or none: an id already there (or twice in the batch) is a Conflict.
+
+        `model`: the ref the embeddings were computed with; Rebound if the gallery is no
+        longer bound to it.
+        """
         ids = [im.id for im in images]
         if len(set(ids)) != len(ids):
             raise Conflict("the same image id appears twice in one request")
         with self._lock, self._transaction():
-            self.model_of(name)
+            self._check_model(name, model)
             for im in images:
                 try:
                     self._db.execute(
@@ -128,6 +149,11 @@ class GalleryStorage:
 
     def regions(self, name: str, ids: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
         """(features (R, F) float32, boxes (R, 4)) of each id, in the order given."""
+        rows = self.region_map(name, ids)
+        return [rows[i] for i in ids]
+
+    def region_map(self, name: str, ids: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """id -> (features (R, F) float32, boxes (R, 4)) for those of `ids` still stored."""
         rows = {}
         with self._lock:
             for chunk in _chunks(ids, 500):
@@ -137,16 +163,62 @@ class GalleryStorage:
                     f"WHERE gallery = ? AND id IN ({marks})",
                     (name, *chunk),
                 ):
-                    n = row[3]
-                    feats = np.frombuffer(row[1], np.float16).reshape(n, -1).astype(np.float32)
-                    boxes = np.frombuffer(row[2], np.float32).reshape(n, 4).copy()
-                    rows[row[0]] = (feats, boxes)
-        return [rows[i] for i in ids]
+                    rows[row[0]] = _regions(row[1], row[2], row[3])
+        return rows
+
+    def region_pages(self, name: str, size: int = 64):
+        """(ids, [(features (R, F) float32, boxes (R, 4))]) pages of every image, in rowid
+        order; each page is read on its own, so a large gallery never sits in memory."""
+        after = -1
+        while True:
+            with self._lock:
+                rows = self._db.execute(
+                    "SELECT rowid, id, features, boxes, n_regions FROM images "
+                    "WHERE gallery = ? AND rowid > ? ORDER BY rowid LIMIT ?",
+                    (name, after, size),
+                ).fetchall()
+            if not rows:
+                return
+            after = rows[-1][0]
+            yield [r[1] for r in rows], [_regions(r[2], r[3], r[4]) for r in rows]
+
+    # -- moving to another model version -------------------------------------------
+    def rebind(self, name: str, old: str, new: str, embeddings: dict[str, np.ndarray]) -> list[str]:
+        """In one transaction: every image's embedding from `embeddings`, and the gallery
+        bound to `new` in place of `old`.
+
+        Returns the ids of images that `embeddings` lacks (added meanwhile), and then
+        changes nothing; an id in `embeddings` but no longer in the gallery is skipped.
+        A crash before the commit leaves the gallery as it was, bound to `old`.
+        """
+        with self._lock, self._transaction():
+            self._check_model(name, old)
+            ids = [
+                r[0] for r in self._db.execute("SELECT id FROM images WHERE gallery = ?", (name,))
+            ]
+            missing = [i for i in ids if i not in embeddings]
+            if missing:
+                return missing
+            self._db.executemany(
+                "UPDATE images SET embedding = ? WHERE gallery = ? AND id = ?",
+                ((_blob(embeddings[i], np.float32), name, i) for i in ids),
+            )
+            self._db.execute("UPDATE galleries SET model = ? WHERE name = ?", (new, name))
+            self._indexes.pop(name, None)
+            return []
 
     # -- first-stage search --------------------------------------------------------
-    def nearest(self, name: str, query: np.ndarray, k: int) -> list[tuple[str, float]]:
-        """Top-k ids by inner product with the L2-normalised query (D,)."""
-        index, ids = self._index(name)
+    def nearest(
+        self, name: str, query: np.ndarray, k: int, model: str | None = None
+    ) -> list[tuple[str, float]]:
+        """Top-k ids by inner product with the L2-normalised query (D,).
+
+        `model`: the ref the query was embedded with; Rebound if the gallery is no longer
+        bound to it (its index holds another model's embeddings).
+        """
+        with self._lock:
+            self._check_model(name, model)
+            index, ids = self._index(name)
         if not ids:
             return []
         scores, rows = index.search(query.astype(np.float32)[None], min(k, len(ids)))
@@ -154,6 +226,7 @@ class GalleryStorage:
 
     def _index(self, name: str) -> tuple[faiss.Index, list[str]]:
         with self._lock:
+            self._drop_stale_indexes()
             if name not in self._indexes:
                 self.model_of(name)
                 rows = self._db.execute(
@@ -167,7 +240,26 @@ class GalleryStorage:
                 self._indexes[name] = (index, ids)
             return self._indexes[name]
 
+    def _drop_stale_indexes(self) -> None:
+        """Another process on this data dir (a second replica) committed a write: the
+        indexes built before it may miss images or hold deleted ones, so rebuild them."""
+        version = self._version()
+        if version != self._data_version:
+            self._indexes.clear()
+            self._data_version = version
+
     # -- helpers -------------------------------------------------------------------
+    def _version(self) -> int:
+        """SQLite's data_version: changes when another connection commits to the file."""
+        return self._query_one("PRAGMA data_version", ())[0]
+
+    def _check_model(self, name: str, model: str | None) -> None:
+        bound = self.model_of(name)
+        if model is not None and bound != model:
+            raise Rebound(
+                f"gallery {name!r} moved from {model} to {bound} during this request; retry"
+            )
+
     def _query_one(self, sql: str, params: tuple):
         with self._lock:
             return self._db.execute(sql, params).fetchone()
@@ -190,6 +282,11 @@ class _Transaction:
 
 def _blob(array: np.ndarray, dtype) -> bytes:
     return np.ascontiguousarray(array, dtype=dtype).tobytes()
+
+
+def _regions(features: bytes, boxes: bytes, n: int) -> tuple[np.ndarray, np.ndarray]:
+    feats = np.frombuffer(features, np.float16).reshape(n, -1).astype(np.float32)  # (R, F)
+    return feats, np.frombuffer(boxes, np.float32).reshape(n, 4).copy()  # (R, 4)
 
 
 def _chunks(items: list, size: int):

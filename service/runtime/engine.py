@@ -16,7 +16,7 @@ from contextlib import asynccontextmanager, contextmanager
 import torch
 
 from service.config import Settings
-from service.errors import NotFound, ServiceError, Unavailable
+from service.errors import Conflict, NotFound, ServiceError, Unavailable
 from service.gallery.service import Galleries
 from service.runtime.batcher import DynamicBatcher
 from service.runtime.cache import RegionCache
@@ -30,7 +30,7 @@ from service.runtime.worker import (
     Worker,
     resolve,
 )
-from service.store import ModelStore
+from service.store import Manifest, ModelStore
 
 log = logging.getLogger("vqa.engine")
 ALIASES = ("vilbert", "lxmert")
@@ -54,6 +54,8 @@ class Engine:
         self.worker: Worker | None = None
         self.detectors: dict[str, LoadedDetector] = {}
         self.backbones: dict[str, LoadedBackbone] = {}
+        # Replaced by a reload, kept loaded while galleries still search with them.
+        self._retiring: dict[str, LoadedBackbone] = {}
         self._detect: dict[str, DynamicBatcher] = {}
         self._encode: dict[str, DynamicBatcher] = {}
         self._users: Counter[str] = Counter()  # requests now holding each backbone ref
@@ -72,6 +74,9 @@ class Engine:
             self._detect[ref] = await self._started(ref, self._detect_handler(detector))
         for ref, backbone in self.backbones.items():
             self._encode[ref] = await self._started(ref, self._encode_handler(backbone))
+        for backbone in self.backbones.values():  # galleries left on a version no longer served
+            for gallery, ref, exc in await self._move_galleries(backbone):
+                log.error("gallery %s stays bound to %s: %s", gallery, ref, exc)
         self.state = "ready"
         log.info("ready on %s with %s", self.worker.device, ", ".join(self.backbones))
 
@@ -168,7 +173,27 @@ class Engine:
     @asynccontextmanager
     async def _serving(self, model: str | None):
         """The backbone for `model`, held for one request: reload and stop wait for it."""
-        backbone = self.backbone(model)
+        async with self._held(self.backbone(model)) as backbone:
+            yield backbone
+
+    @asynccontextmanager
+    async def gallery_model(self, ref: str):
+        """The backbone a gallery is bound to (exactly `ref`), held for one request.
+
+        During a reload that may be the replaced version: it stays loaded until every
+        gallery bound to it has been re-indexed onto the new one.
+        """
+        if not self.ready:
+            raise Unavailable(self.state)
+        backbone = self.backbones.get(ref) or self._retiring.get(ref)
+        if backbone is None:
+            known = ", ".join(self.backbones) or "none"
+            raise NotFound(f"the gallery's model {ref} is not loaded here; loaded: {known}")
+        async with self._held(backbone):
+            yield backbone
+
+    @asynccontextmanager
+    async def _held(self, backbone: LoadedBackbone):
         ref = backbone.manifest.ref
         self._users[ref] += 1
         try:
@@ -185,7 +210,13 @@ class Engine:
         """Serve the store's newest version of `name` in place of the loaded one.
 
         It loads on the worker thread (between batches) and is swapped in at once; requests
-        that already hold the old version finish on it, then its batcher drains.
+        that already hold the old version finish on it. Then every gallery bound to the old
+        version is re-embedded with the new one from its stored region features and rebound
+        to it in one transaction; until its commit a gallery searches with the old version,
+        which stays loaded until no gallery is bound to it, then its batcher drains. A
+        version that reads another detector's regions is refused (Conflict) while galleries
+        hold the old detector's. When a re-index fails, that gallery stays on the old
+        version (still loaded) and ReloadFailed says so; reloading again retries it.
         """
         async with self._reload_lock:
             old = self.backbone(name)
@@ -193,7 +224,9 @@ class Engine:
                 raise NotFound(f"no model named {name!r} is loaded; loaded: {list(self.backbones)}")
             manifest = await asyncio.to_thread(resolve, self.store, name)
             if manifest.ref == old.manifest.ref:
+                await self._moved_or_raise(old)  # a re-index that failed before
                 return _model_info(old)
+            await self._check_galleries_can_move(old.manifest, manifest)
             loop = asyncio.get_running_loop()
             try:
                 detector, new = await loop.run_in_executor(
@@ -210,16 +243,77 @@ class Engine:
             self._encode[manifest.ref] = await self._started(
                 manifest.ref, self._encode_handler(new)
             )
+            self._retiring[old.manifest.ref] = old  # before the swap: galleries never miss it
             self.backbones = {  # one assignment: a request sees the old set or the new one
                 (manifest.ref if r == old.manifest.ref else r): (new if b is old else b)
                 for r, b in self.backbones.items()
             }
             log.info("reloaded %s -> %s", old.manifest.ref, manifest.ref)
-            await self._retire(old.manifest.ref)
+            await self._moved_or_raise(new)
             return _model_info(new)
+
+    async def _check_galleries_can_move(self, old: Manifest, new: Manifest) -> None:
+        if new.detector == old.detector:
+            return
+        bindings = await asyncio.to_thread(self.galleries.storage.bindings)
+        if bound := sorted(g for g, r in bindings.items() if r == old.ref):
+            raise Conflict(
+                f"{new.ref} reads regions of detector {new.detector}, but galleries "
+                f"{', '.join(bound)} hold regions of {old.detector}; {old.ref} keeps serving "
+                "(delete those galleries to reload)"
+            )
+
+    async def _moved_or_raise(self, backbone: LoadedBackbone) -> None:
+        failed = await self._move_galleries(backbone)
+        for gallery, ref, exc in failed:
+            log.error("gallery %s stays bound to %s: %s", gallery, ref, exc)
+        if kept := [(g, e) for g, r, e in failed if r in self._retiring]:
+            raise ReloadFailed(
+                f"{backbone.manifest.ref} serves now, but galleries "
+                f"{', '.join(g for g, _ in kept)} could not be re-indexed for it ({kept[0][1]}); "
+                "they keep searching with their old version, which stays loaded; "
+                "reload again to retry"
+            )
+
+    async def _move_galleries(self, backbone: LoadedBackbone) -> list[tuple[str, str, Exception]]:
+        """Re-index onto `backbone` every gallery bound to a version of its model that is not
+        served (the one a reload replaced, or one served before a restart) and whose regions
+        come from the same detector; retire replaced versions no gallery is bound to.
+        Returns (gallery, its ref, error) for each gallery that could not move."""
+        m, storage = backbone.manifest, self.galleries.storage
+        failed: list[tuple[str, str, Exception]] = []
+        for gallery, ref in (await asyncio.to_thread(storage.bindings)).items():
+            if ref in self.backbones or ref.rpartition("@")[0] != m.name:
+                continue
+            if (detector := await self._detector_of(ref)) != m.detector:
+                failed.append((gallery, ref, Conflict(f"{ref} read detector {detector}")))
+                continue
+            try:
+                count = await self.galleries.reindex(gallery, ref, backbone)
+            except NotFound:
+                continue  # deleted meanwhile
+            except Exception as exc:
+                log.exception("re-indexing gallery %s for %s failed", gallery, m.ref)
+                failed.append((gallery, ref, exc))
+            else:
+                log.info("gallery %s: %d images re-indexed %s -> %s", gallery, count, ref, m.ref)
+        bound = set((await asyncio.to_thread(storage.bindings)).values())
+        for ref in [r for r in self._retiring if r.rpartition("@")[0] == m.name]:
+            if ref not in bound:
+                await self._retire(ref)
+        return failed
+
+    async def _detector_of(self, ref: str) -> str | None:
+        if loaded := self._retiring.get(ref):
+            return loaded.manifest.detector
+        try:
+            return (await asyncio.to_thread(resolve, self.store, ref)).detector
+        except NotFound:
+            return None  # gone from the store: its regions' detector is unknown
 
     async def _retire(self, ref: str) -> None:
         """Drain a replaced model's batcher once no request holds it (or timeout_s passed)."""
+        self._retiring.pop(ref, None)
         try:
             async with asyncio.timeout(self.settings.timeout_s):
                 await self._unused(ref)

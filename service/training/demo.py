@@ -37,6 +37,9 @@ class DemoRecipe:
     pretrain_lr: dict[str, float] = field(default_factory=lambda: {"vilbert": 2e-4, "lxmert": 5e-4})
     finetune_steps: dict[str, int] = field(default_factory=lambda: {"vilbert": 600, "lxmert": 900})
     finetune_lr: dict[str, float] = field(default_factory=lambda: {"vilbert": 1e-4, "lxmert": 3e-4})
+    # time boxes in seconds (absent or 0: run every step), e.g. to fit a GPU lease
+    pretrain_seconds: dict[str, float] = field(default_factory=dict)
+    finetune_seconds: dict[str, float] = field(default_factory=dict)
     batch_size: int = 32
     gallery_size: int = 1000
     seed: int = 0
@@ -44,6 +47,16 @@ class DemoRecipe:
     detector_overrides: dict | None = None  # tests shrink the models through these
     backbone_overrides: dict | None = None
     backbones: tuple[str, ...] = BACKBONES
+
+    @classmethod
+    def from_json(cls, path: str | Path, **overrides) -> DemoRecipe:
+        """The defaults updated with a JSON file's fields (unknown fields are an error)."""
+        fields = {**json.loads(Path(path).read_text()), **overrides}
+        if unknown := set(fields) - set(asdict(cls())):
+            raise ValueError(f"{path}: unknown recipe fields {sorted(unknown)}")
+        if "backbones" in fields:
+            fields["backbones"] = tuple(fields["backbones"])
+        return cls(**fields)
 
 
 class DemoState:
@@ -160,6 +173,7 @@ def _backbone_stages(
                 steps=recipe.pretrain_steps[kind],
                 batch_size=recipe.batch_size,
                 lr=recipe.pretrain_lr[kind],
+                max_seconds=recipe.pretrain_seconds.get(kind, 0),
                 seed=recipe.seed,
                 checkpoint_dir=str(ckpt / f"{kind}_pretrain"),
                 device=device,
@@ -182,6 +196,7 @@ def _backbone_stages(
                 steps=recipe.finetune_steps[kind],
                 batch_size=recipe.batch_size,
                 lr=recipe.finetune_lr[kind],
+                max_seconds=recipe.finetune_seconds.get(kind, 0),
                 seed=recipe.seed,
                 include_easyvqa=recipe.include_easyvqa,
                 checkpoint_dir=str(ckpt / f"{kind}_finetune"),

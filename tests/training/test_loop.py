@@ -147,3 +147,12 @@ def test_a_finished_run_resumes_to_itself_without_training(tmp_path):
     }
     state = json.loads(next(tmp_path.rglob("state.json")).read_text())
     assert state["step"] == 12 and len(state["history"]) == 12
+
+
+def test_a_time_box_stops_the_run_and_fits_the_whole_schedule_into_it():
+    cfg = TrainConfig(steps=1_000_000, batch_size=16, lr=1e-2, progress=False, max_seconds=0.5)
+    result = train(toy_model(), regression_loss, cfg)
+    lrs = [h["lr"] for h in result.history]
+    assert 10 < result.steps_done < cfg.steps  # stopped by the clock, not the step count
+    assert max(lrs) > 0.5 * cfg.lr  # it warmed up inside the box...
+    assert lrs[-1] < 0.2 * cfg.lr  # ...and decayed close to zero by its end
