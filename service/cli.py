@@ -254,6 +254,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--timeout-s", type=float, default=None)
     serve.add_argument("--drain-timeout-s", type=float, default=None)
     serve.add_argument(
+        "--torch-threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: torch's own; 1 is best on a loaded 2-core box)",
+    )
+    serve.add_argument(
+        "--keep-alive-s",
+        type=int,
+        default=None,
+        help="seconds an idle keep-alive connection stays open (default 75)",
+    )
+    serve.add_argument(
         "--engine",
         choices=["local", "ray"],
         default="local",

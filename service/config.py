@@ -29,6 +29,21 @@ class Settings(BaseSettings):
     timeout_s: float = Field(30.0, gt=0)
     drain_timeout_s: float = Field(10.0, ge=0)
 
+    torch_threads: int | None = Field(
+        None,
+        ge=1,
+        description="torch intra-op threads, set once at start; None leaves torch's default "
+        "(one per core). On a small machine that other processes also load, 1 is the fastest: "
+        "two threads on two busy cores wait for each other (docs/BENCHMARKS.md)",
+    )
+    keep_alive_s: int = Field(
+        75,
+        gt=0,
+        description="how long an idle HTTP keep-alive connection stays open; keep it longer "
+        "than the idle timeout of the clients and proxies in front (60 s on most load "
+        "balancers), so that they close idle connections, never the server under them",
+    )
+
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(4096 * 4096, ge=1)
     feature_cache_entries: int = Field(4096, ge=0)

@@ -19,11 +19,13 @@ from service.runtime.engine import Engine
 P = TypeVar("P", bound=BaseModel)
 
 
-def get_engine(request: Request) -> Engine:
+# Async on purpose: FastAPI runs a plain `def` dependency in its thread pool, a thread
+# hop per dependency per request for what is an attribute lookup.
+async def get_engine(request: Request) -> Engine:
     return request.app.state.engine
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     return request.app.state.settings
 
 
@@ -31,7 +33,7 @@ EngineDep = Annotated[Engine, Depends(get_engine)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-def require_api_key(request: Request, settings: SettingsDep) -> None:
+async def require_api_key(request: Request, settings: SettingsDep) -> None:
     """Gallery writes need `Authorization: Bearer <key>` when VQA_API_KEY is set."""
     if not settings.api_key:
         return

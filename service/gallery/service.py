@@ -2,7 +2,9 @@
 
 Stage one: faiss over the single-modality embeddings (text vs image, no cross
 attention), cheap for any gallery size. Stage two: the top `rerank` hits rescored by
-the backbone's cross-attention alignment head on the stored region features.
+`two_stage_scores`: the embeddings' logit (cosine / T) plus the log-probability the
+backbone's cross-attention alignment head gives the pair, on the stored region features.
+A hit's `score` is that sum (or cosine / T alone past the reranked ones): higher is better.
 
 Image embeddings are computed from the region features as stored (float16), so
 `reindex` recomputes them for another model version from the database alone and gets
@@ -21,6 +23,7 @@ import torch
 from service.data.collate import RegionSet
 from service.errors import Conflict
 from service.gallery.storage import GalleryStorage, Rebound, StoredImage
+from service.models.backbone import EMBED_TEMPERATURE, two_stage_scores
 
 if TYPE_CHECKING:  # the engine drives the models; galleries only call it
     from service.runtime.engine import Engine
@@ -109,9 +112,12 @@ class Galleries:
                 for f, b in regions
             ]
             logits = await self.engine.encode(backbone, items)
-            scores = torch.sigmoid(torch.tensor(logits)).tolist()
+            cosine = torch.tensor([c for _, c in hits[:rerank]])
+            scores = two_stage_scores(cosine, torch.tensor(logits)).tolist()
             reranked = sorted(zip(head, scores, strict=True), key=lambda h: -h[1])
-            hits = reranked + hits[rerank:]
+            hits = reranked + [(i, c / EMBED_TEMPERATURE) for i, c in hits[rerank:]]
+        else:
+            hits = [(i, c / EMBED_TEMPERATURE) for i, c in hits]
         return [{"id": i, "score": round(float(s), 6)} for i, s in hits[:k]]
 
     # -- moving to another model version ---------------------------------------------

@@ -13,7 +13,15 @@ from dataclasses import dataclass, fields, replace
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+
+# The contrastive (InfoNCE) temperature the dual embeddings are trained with: cosine / T
+# is their logit for "this caption is this image".
+EMBED_TEMPERATURE = 0.05
+# How much the alignment head's log-probability counts against that logit in the second
+# stage of caption search; chosen on the validation split (docs/experiments/rerank.md).
+RERANK_WEIGHT = 1.0
 
 
 @dataclass
@@ -72,6 +80,15 @@ class VisionLanguageModel(Protocol):
         self, region_features: Tensor, region_boxes: Tensor, region_mask: Tensor
     ) -> Tensor:
         """Single-modality image embedding, L2-normalised: (B, D)."""
+
+
+def two_stage_scores(cosine: Tensor, match_logits: Tensor, weight: float = RERANK_WEIGHT) -> Tensor:
+    """Second-stage caption-search scores: the embeddings' logit cosine / T plus `weight`
+    times log p(match) from the cross-attention alignment head (a product of experts).
+
+    The head alone ranks near-duplicates (a changed relation or count) worse than the
+    embeddings do; as a veto on top of them it lifts R@1 (docs/experiments/rerank.md)."""
+    return cosine / EMBED_TEMPERATURE + weight * F.logsigmoid(match_logits)
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:

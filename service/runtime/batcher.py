@@ -72,7 +72,10 @@ class DynamicBatcher(Generic[In, Out]):
 
     handler: run in `executor` (default: a private single-thread pool) on each batch.
     max_batch_size: most items per handler call.
-    max_wait_ms: longest a batch waits to fill, counted from its first item's arrival.
+    max_wait_ms: longest a batch waits to fill, counted from its first item's arrival,
+        when the batch before held more than one item. After a lone item a new one runs at
+        once: with no sign of concurrent callers, waiting only adds latency (concurrency 1
+        pays no max_wait; under load the batches stay full).
     max_queue: most items waiting (not yet in a batch); beyond it `submit` raises QueueFull.
     on_batch: called on the event loop after every handler call with (items, seconds),
         for a batch-size histogram and timings.
@@ -105,6 +108,7 @@ class DynamicBatcher(Generic[In, Out]):
         self._waiter: asyncio.Future | None = None  # the loop sleeps on it
         self._wake_at = 1  # queue length at which submit wakes the sleeping loop
         self._batch_seconds = 0.0  # moving average of handler time, for Retry-After
+        self._last_batch = 0  # items in the latest batch: > 1 means callers overlap
         self.batches = 0  # handler calls so far
         self.items = 0  # items that reached the handler so far
 
@@ -257,7 +261,8 @@ class DynamicBatcher(Generic[In, Out]):
                 continue
             if closing or len(self._queue) >= self.max_batch_size:
                 return True
-            deadline = self._queue[0].arrived + self.max_wait
+            wait = self.max_wait if self._last_batch > 1 else 0.0
+            deadline = self._queue[0].arrived + wait
             if loop.time() >= deadline:
                 return True
             await self._sleep(wake_at=self.max_batch_size, deadline=deadline)
@@ -281,6 +286,7 @@ class DynamicBatcher(Generic[In, Out]):
 
     async def _run_batch(self, batch: list[_Entry]) -> None:
         loop = asyncio.get_running_loop()
+        self._last_batch = len(batch)
         start = time.perf_counter()
         try:
             ran, outputs = await loop.run_in_executor(self._executor, self._call_handler, batch)

@@ -43,7 +43,7 @@ from tqdm import tqdm
 from service.data.collate import RegionSet, collate
 from service.data.language import FAMILIES
 from service.data.tokenizer import load_tokenizer
-from service.models.backbone import build_backbone
+from service.models.backbone import build_backbone, two_stage_scores
 from service.store import Manifest, ModelStore
 from service.training.examples import PairSource, feature_path
 from service.training.metrics import (
@@ -327,14 +327,16 @@ def eval_retrieval(
 
 
 def _rerank(model, tokenizer, queries, regions, cosine: Tensor, k: int, **common) -> list:
-    """Per query, gallery indices: the cosine top k re-ordered by the alignment head, then
-    the rest in cosine order (as the gallery service searches)."""
+    """Per query, gallery indices: the cosine top k re-ordered by `two_stage_scores` (the
+    embeddings' logit plus the alignment head's log-probability), then the rest in cosine
+    order, as the gallery service searches."""
     order = torch.argsort(cosine, dim=1, descending=True, stable=True)  # (Q, N)
     if k == 0:
         return order.tolist()
     texts = [q for q in queries for _ in range(k)]
     pairs = [regions[j] for row in order[:, :k].tolist() for j in row]
-    head = pair_scores(model, tokenizer, "match", texts, pairs, **common).view(len(queries), k)
+    logits = pair_scores(model, tokenizer, "match", texts, pairs, **common).view(len(queries), k)
+    head = two_stage_scores(torch.gather(cosine, 1, order[:, :k]), logits)  # (Q, k)
     first = torch.gather(order[:, :k], 1, torch.argsort(head, dim=1, descending=True, stable=True))
     return torch.cat([first, order[:, k:]], dim=1).tolist()
 

@@ -41,7 +41,7 @@ from torch import Tensor, nn
 from service.data.collate import collate
 from service.data.language import ANSWERS
 from service.data.tokenizer import load_tokenizer
-from service.models.backbone import build_backbone
+from service.models.backbone import EMBED_TEMPERATURE, build_backbone
 from service.store import Manifest, ModelStore
 from service.training.entries import freeze_external, write_model_entry
 from service.training.evaluate import (
@@ -67,7 +67,7 @@ SERVES = {  # what the service may ask of a model fine-tuned on each task
 }
 ROUND_ROBIN = ("vqa", "match", "grounding")  # the objectives of "all", one per step
 NUM_ANSWERS_KEY = {"vilbert": "num_answers", "lxmert": "num_qa_labels"}
-NCE_TEMPERATURE = 0.05
+NCE_TEMPERATURE = EMBED_TEMPERATURE
 GROUND_IOU = 0.5
 # (share of positives that are the complete caption, share of negatives that are hard)
 ALIGN_MIX = {"match": (0.5, 0.5), "retrieval": (1.0, 0.25)}

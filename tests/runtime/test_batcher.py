@@ -109,14 +109,26 @@ async def test_batches_respect_max_size_and_fill_at_once_under_load():
 
 
 @pytest.mark.anyio
-async def test_lone_request_waits_max_wait_and_no_longer():
+async def test_a_lone_request_after_a_lone_one_runs_at_once():
     handler = Doubler()
-    async with DynamicBatcher(handler, max_batch_size=32, max_wait_ms=10) as batcher:
-        await batcher.submit(1)  # warm the executor thread
+    async with DynamicBatcher(handler, max_batch_size=32, max_wait_ms=200) as batcher:
+        await batcher.submit(1)  # warm the executor thread; a batch of one
         start = time.perf_counter()
         assert await batcher.submit(21) == 42
         latency = time.perf_counter() - start
-    assert 0.009 <= latency < 0.2
+    assert latency < 0.1  # no caller overlapped: it did not wait the 200 ms
+
+
+@pytest.mark.anyio
+async def test_after_overlapping_callers_a_request_waits_max_wait_and_no_longer():
+    handler = Doubler()
+    async with DynamicBatcher(handler, max_batch_size=32, max_wait_ms=50) as batcher:
+        assert await asyncio.gather(batcher.submit(1), batcher.submit(2)) == [2, 4]  # batch of 2
+        start = time.perf_counter()
+        assert await batcher.submit(21) == 42
+        latency = time.perf_counter() - start
+    assert 0.045 <= latency < 0.3
+    assert [len(b) for b in handler.batches] == [2, 1]
 
 
 @pytest.mark.anyio
