@@ -132,6 +132,7 @@ def _eval(args: argparse.Namespace) -> None:
         gallery_size=args.gallery_size,
         device=args.device,
         out_dir=args.out,
+        align_queries=args.align_queries,
     )
     print(json.dumps(metrics, indent=2, sort_keys=True))
 
@@ -368,6 +369,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--store", default="model_store")
     ev.add_argument("--gallery-size", type=int, default=1000)
+    ev.add_argument(
+        "--align-queries",
+        type=int,
+        default=100,
+        help="retrieval: queries the alignment head scores against the whole gallery (0: none)",
+    )
     ev.add_argument("--device", default="cpu")
     ev.add_argument("--out", default=None, help="metrics.json and plots (default docs/experiments)")
     ev.add_argument(

@@ -323,6 +323,7 @@ def eval_retrieval(
         texts = [q for q in queries[:nq] for _ in range(n)]
         scores = pair_scores(model, tokenizer, "match", texts, regions * nq, **common)
         out["align"] = recall_at_k(scores.view(nq, n), relevant[:nq], KS)
+        out["two_stage_same_queries"] = recall_at_k(ranked[:nq], relevant[:nq], KS)
     return out
 
 

@@ -122,6 +122,7 @@ def test_every_metric_of_a_model_with_known_answers(tmp_path, split, kind):
     for k in (1, 5, 10):
         assert retrieval["align"][f"R@{k}"] == pytest.approx(np.mean(ranks <= k))
     assert retrieval["two_stage"] == retrieval["embed"]  # a constant head keeps the order
+    assert retrieval["two_stage_same_queries"] == retrieval["two_stage"]  # every query aligned
 
     # the report: metrics.json, plots, and the manifest's metrics
     report = json.loads((out / "metrics.json").read_text())
