@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from service.store import ModelStore
 from service.training.demo import DemoRecipe, run_demo
 
@@ -56,3 +58,14 @@ def test_demo_chain_produces_served_models_and_resumes(tmp_path):
     run_demo(tmp_path / "work", tmp_path / "store", recipe, log=lines.append)
     assert all("skipped" in line for line in lines if line.startswith("[demo]"))
     assert len(store.list()) == 3, "a resumed run must not train anything again"
+
+
+def test_a_recipe_file_changes_only_the_fields_it_names(tmp_path):
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps({"batch_size": 64, "finetune_seconds": {"lxmert": 130}}))
+    recipe = DemoRecipe.from_json(path, backbones=("lxmert",))
+    assert recipe.batch_size == 64 and recipe.finetune_seconds == {"lxmert": 130}
+    assert recipe.backbones == ("lxmert",) and recipe.train_images == DemoRecipe().train_images
+    path.write_text(json.dumps({"batch_sise": 64}))
+    with pytest.raises(ValueError, match="batch_sise"):
+        DemoRecipe.from_json(path)

