@@ -41,7 +41,7 @@ def test_demo_store_holds_the_shipped_sizes_with_its_detector(tmp_path):
     lxmert = store.resolve(refs["lxmert"])
     assert lxmert.detector == refs["detector"]
     assert lxmert.config == demo_config("lxmert", 256)  # the tiny detector's 256-d regions
-    assert (lxmert.config["hidden_size"], lxmert.config["l_layers"]) == (256, 2)
+    assert (lxmert.config["hidden_size"], lxmert.config["l_layers"]) == (192, 2)
     assert store.resolve(refs["detector"]).config["max_regions"] == 36
 
 
