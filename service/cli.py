@@ -103,6 +103,18 @@ def _train_demo(args: argparse.Namespace) -> None:
     print(json.dumps({k: v.get("ref", v.get("seconds")) for k, v in state.items()}, indent=2))
 
 
+def _train_report_pretraining(args: argparse.Namespace) -> None:
+    import torch
+
+    from service.training.experiments import run_pretraining_report
+
+    torch.set_num_threads(args.threads)
+    out = run_pretraining_report(
+        args.data, args.features, args.work, args.out, command=_command_line()
+    )
+    print(f"wrote {out}")
+
+
 def _train_finetune(args: argparse.Namespace) -> None:
     from service.training.finetune import run_finetune
 
@@ -332,6 +344,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--backbones", nargs="+", choices=["vilbert", "lxmert"], help="default: both")
     demo.set_defaults(func=_train_demo)
+    rep = train_sub.add_parser(
+        "report-pretraining",
+        help="docs/experiments/pretraining.md: pretrained vs scratch, MiniLM vs random text",
+    )
+    rep.add_argument("--data", default="data/shapes", help="shapes-world data folder")
+    rep.add_argument("--features", default="data/features", help="region features folder")
+    rep.add_argument("--work", default="data/pretraining-report", help="runs and their store")
+    rep.add_argument("--out", default="docs/experiments")
+    rep.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest here)")
+    rep.set_defaults(func=_train_report_pretraining)
     det = train_sub.add_parser("detector", help="train the region detector on the shapes world")
     det.add_argument("--data", default="data/shapes", help="shapes-world data folder")
     det.add_argument("--store", default="model_store")
