@@ -103,7 +103,7 @@ def fill_gallery(engine, name: str, ref: str, regions: list, size: int) -> tuple
             for i in range(0, len(regions), 64)
         ]
     )
-    engine.galleries.storage.create(name, ref)
+    engine.galleries.storage.create(name, backbone.manifest.ref)  # bound to name@version
     for lo in range(0, size, 1000):
         batch = []
         for g in range(lo, min(size, lo + 1000)):
