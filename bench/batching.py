@@ -436,7 +436,12 @@ def main(argv=None) -> dict:
         trained = None if args.random_detector else shipped_detector()
         if args.store is None:
             refs = write_demo_store(store, kinds=(args.model,), trained_detector=trained)
-        ref = refs[args.model] if args.store is None else args.model
+        if args.store is None:
+            ref = refs[args.model]
+        else:  # the batchers' metrics are labelled name@version
+            from service.store import ModelStore
+
+            ref = ModelStore(store).resolve(args.model).ref
         cached = shapes_images(CACHED_IMAGES, split="val")
         cold = shapes_images(args.cold_images, split="test")
         rows, pooled = run_rounds(args, store, ref, cached, cold)
