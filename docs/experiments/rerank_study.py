@@ -13,7 +13,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from service.models.backbone import EMBED_TEMPERATURE
+from service.models.backbone import two_stage_scores
 from service.store import ModelStore
 from service.training.evaluate import (
     _images,
@@ -47,8 +47,10 @@ def main(model_ref, data_dir, features_dir, split="val", gallery=500):
     logits = logits.view(len(queries), TOP)
     top_cosine = torch.gather(cosine, 1, order[:, :TOP])
     for w in WEIGHTS:
-        head = F.logsigmoid(logits)
-        score = head if w == float("inf") else top_cosine / EMBED_TEMPERATURE + w * head
+        if w == float("inf"):  # the alignment head alone
+            score = F.logsigmoid(logits)
+        else:
+            score = two_stage_scores(top_cosine, logits, weight=w)
         first = torch.gather(order[:, :TOP], 1, torch.argsort(score, dim=1, descending=True))
         ranked = torch.cat([first, order[:, TOP:]], dim=1).tolist()
         print(f"{model_ref} {split} w={w}: {recall_at_k(ranked, relevant, (1, 5, 10))}")

@@ -104,20 +104,20 @@ class Galleries:
         ref = backbone.manifest.ref
         [query] = await self.engine.encode(backbone, [EncodeItem("embed_text", caption, None)])
         hits = await asyncio.to_thread(self.storage.nearest, name, query, max(k, rerank), ref)
-        if rerank and hits:
-            head = [i for i, _ in hits[:rerank]]
-            regions = await asyncio.to_thread(self.storage.regions, name, head)
+        head, tail = hits[:rerank], hits[rerank:]
+        ranked = []
+        if head:
+            ids = [i for i, _ in head]
+            regions = await asyncio.to_thread(self.storage.regions, name, ids)
             items = [
                 EncodeItem("match", caption, RegionSet(torch.from_numpy(f), torch.from_numpy(b)))
                 for f, b in regions
             ]
             logits = await self.engine.encode(backbone, items)
-            cosine = torch.tensor([c for _, c in hits[:rerank]])
+            cosine = torch.tensor([c for _, c in head])
             scores = two_stage_scores(cosine, torch.tensor(logits)).tolist()
-            reranked = sorted(zip(head, scores, strict=True), key=lambda h: -h[1])
-            hits = reranked + [(i, c / EMBED_TEMPERATURE) for i, c in hits[rerank:]]
-        else:
-            hits = [(i, c / EMBED_TEMPERATURE) for i, c in hits]
+            ranked = sorted(zip(ids, scores, strict=True), key=lambda h: -h[1])
+        hits = ranked + [(i, c / EMBED_TEMPERATURE) for i, c in tail]  # past the rerank
         return [{"id": i, "score": round(float(s), 6)} for i, s in hits[:k]]
 
     # -- moving to another model version ---------------------------------------------
