@@ -81,6 +81,7 @@ def _training_kwargs(args: argparse.Namespace) -> dict:
         seed=args.seed,
         checkpoint_dir=args.checkpoint_dir,
         device=args.device,
+        max_seconds=args.max_seconds,
         command=_command_line(),
     )
 
@@ -117,13 +118,19 @@ def _train_report_pretraining(args: argparse.Namespace) -> None:
 
 def _train_finetune(args: argparse.Namespace) -> None:
     from service.training.finetune import run_finetune
+    from service.training.mix import Mix
 
+    try:
+        mix = Mix.parse(args.mix)
+    except (ValueError, OSError) as exc:
+        raise CliError(f"--mix: {exc}") from exc
     m = run_finetune(
         args.task,
         args.init,
         backbone=args.backbone,
         label_fraction=args.label_fraction,
         include_easyvqa=args.include_easyvqa,
+        mix=mix,
         **_training_kwargs(args),
     )
     print(f"wrote {m.ref} to {m.path}")
@@ -215,6 +222,9 @@ def _add_training_args(p: argparse.ArgumentParser, steps: int, lr: float) -> Non
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-dir", default=None, help="resume from / save to here")
     p.add_argument("--device", default="cpu")
+    p.add_argument(
+        "--max-seconds", type=float, default=0, help="time box: schedule and stop follow it"
+    )
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -331,6 +341,9 @@ def build_parser() -> argparse.ArgumentParser:
     fine.add_argument("--backbone", choices=["vilbert", "lxmert"], default=None)
     fine.add_argument("--label-fraction", type=float, default=1.0)
     fine.add_argument("--include-easyvqa", action="store_true")
+    fine.add_argument(
+        "--mix", default=None, help="weights of objectives, VQA families, ... (JSON or file)"
+    )
     _add_training_args(fine, steps=2000, lr=5e-5)
     fine.set_defaults(func=_train_finetune)
     demo = train_sub.add_parser(

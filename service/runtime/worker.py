@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from service.data.collate import RegionSet, collate, normalise_boxes
+from service.data.collate import MAX_TEXT_TOKENS, RegionSet, collate, normalise_boxes
 from service.data.tokenizer import load_tokenizer
 from service.errors import NotFound
 from service.models.backbone import build_backbone
@@ -127,7 +127,7 @@ class Worker:
                 [it.text for it in items],
                 padding="longest",
                 truncation=True,
-                max_length=40,
+                max_length=MAX_TEXT_TOKENS,
                 return_tensors="pt",
             )
             emb = model.embed_text(

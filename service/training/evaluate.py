@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from service.data.collate import RegionSet, collate
+from service.data.collate import MAX_TEXT_TOKENS, RegionSet, collate
 from service.data.language import FAMILIES
 from service.data.tokenizer import load_tokenizer
 from service.models.backbone import build_backbone, two_stage_scores
@@ -58,7 +58,6 @@ from service.training.plots import plot_family_accuracy, plot_training_curves
 
 EVAL_TASKS = ("vqa", "retrieval", "grounding", "match")
 KS = (1, 5, 10)
-MAX_LENGTH = 40  # as collate and the service's worker
 
 
 # ---- batched inference ------------------------------------------------------------------
@@ -117,7 +116,7 @@ def embed_texts(model, tokenizer, texts: Sequence[str], batch_size=64, device="c
             list(texts[s : s + batch_size]),
             padding="longest",
             truncation=True,
-            max_length=MAX_LENGTH,
+            max_length=MAX_TEXT_TOKENS,
             return_tensors="pt",
         )
         emb = model.embed_text(enc["input_ids"].to(device), enc["attention_mask"].to(device))

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from service.data.collate import collate
+from service.data.collate import MAX_TEXT_TOKENS, collate
 from service.data.language import ANSWERS
 from service.data.tokenizer import load_tokenizer
 from service.models.backbone import EMBED_TEMPERATURE, build_backbone
@@ -54,7 +54,8 @@ from service.training.evaluate import (
 from service.training.examples import PairSource, answer_targets, feature_path
 from service.training.loop import TrainConfig, model_device, train
 from service.training.metrics import paired_iou
-from service.training.negatives import hard_negatives, random_negative
+from service.training.mix import Mix, item_weights, weighted_choice
+from service.training.negatives import by_kind, hard_negatives, pick_hard_negative, random_negative
 from service.training.pretrain import default_config
 
 TASKS = ("vqa", "retrieval", "grounding", "match", "all")
@@ -102,9 +103,17 @@ def grounding_loss(logits: Tensor, good: Tensor) -> Tensor:
 
 
 class VqaObjective:
-    """Questions of one or more PairSources, each drawn with equal probability."""
+    """Questions of one or more PairSources: uniformly over all questions, or weighted by
+    source and family (`Mix.vqa_sources`, `Mix.vqa_families`)."""
 
-    def __init__(self, sources: list[PairSource], answers, tokenizer, max_length: int = 40):
+    def __init__(
+        self,
+        sources: list[PairSource],
+        answers,
+        tokenizer,
+        max_length: int = MAX_TEXT_TOKENS,
+        mix: Mix | None = None,
+    ):
         self.sources, self.tokenizer, self.max_length = sources, tokenizer, max_length
         self.index = {a: k for k, a in enumerate(answers)}
         self.items = [
@@ -115,10 +124,16 @@ class VqaObjective:
         ]
         if not self.items:
             raise ValueError("no questions to fine-tune VQA on")
+        mix = mix or Mix()
+        labels = [
+            (sources[s].records[i].get("source", ""), sources[s].questions(i)[k].get("family", ""))
+            for s, i, k in self.items
+        ]
+        self.weights = item_weights(labels, mix.vqa_sources, mix.vqa_families)
 
     def __call__(self, model: nn.Module, rng: np.random.Generator, n: int) -> dict[str, Tensor]:
         texts, regions, targets = [], [], []
-        for j in rng.integers(len(self.items), size=n):
+        for j in weighted_choice(self.weights, rng, n, len(self.items)):
             s, i, k = self.items[int(j)]
             q = self.sources[s].questions(i)[k]
             texts.append(q["question"])
@@ -139,28 +154,26 @@ class AlignObjective:
         tokenizer,
         complete_frac: float,
         hard_frac: float,
-        max_length: int = 40,
+        max_length: int = MAX_TEXT_TOKENS,
+        hard_kinds: dict[str, float] | None = None,
     ):
         self.source, self.tokenizer, self.max_length = source, tokenizer, max_length
         self.complete_frac, self.hard_frac = complete_frac, hard_frac
+        self.hard_kinds = hard_kinds or None
         self.images = [i for i in range(len(source)) if source.captions(i)]
         if len(self.images) < 2:
             raise ValueError("matching needs at least two images with captions")
         self.pool = [c for i in self.images for c in source.captions(i)]
-        self._hard: dict[int, list[list]] = {}
+        self._hard: dict[int, dict[str, list]] = {}
 
     def hard(self, i: int, rng: np.random.Generator):
-        """A hard negative of image i: a kind drawn uniformly, then a variant (cached)."""
+        """A hard negative of image i: a kind (uniformly or by `hard_kinds`), then a
+        variant of that kind (the variants are cached per image)."""
         if i not in self._hard:
-            by_kind: dict[str, list] = {}
-            for neg in hard_negatives(self.source.captions(i)[0], self.source.objects(i)):
-                by_kind.setdefault(neg.kind, []).append(neg)
-            self._hard[i] = list(by_kind.values())
-        kinds = self._hard[i]
-        if not kinds:
-            return None
-        options = kinds[int(rng.integers(len(kinds)))]
-        return options[int(rng.integers(len(options)))]
+            self._hard[i] = by_kind(
+                hard_negatives(self.source.captions(i)[0], self.source.objects(i))
+            )
+        return pick_hard_negative(self._hard[i], rng, self.hard_kinds)
 
     def negative(self, i: int, rng: np.random.Generator) -> str | None:
         first, second = (self.hard, self.random)
@@ -207,7 +220,7 @@ class AlignObjective:
 class GroundObjective:
     """Referring expressions against the regions that overlap the referred object."""
 
-    def __init__(self, source: PairSource, tokenizer, max_length: int = 40):
+    def __init__(self, source: PairSource, tokenizer, max_length: int = MAX_TEXT_TOKENS):
         self.source, self.tokenizer, self.max_length = source, tokenizer, max_length
         self.items = []  # (image, expression, good regions (R,) bool)
         for i in range(len(source)):
@@ -234,12 +247,13 @@ class GroundObjective:
         return {"loss": loss, "ground": loss.detach()}
 
 
-def make_step_loss(objectives: dict, batch_size: int):
-    """The loop's step_loss: objective `step % len(objectives)` (round robin)."""
-    names = list(objectives)
+def make_step_loss(objectives: dict, batch_size: int, mix: Mix | None = None):
+    """The loop's step_loss: objective `cycle[step % len(cycle)]`, the cycle being the
+    objectives in round robin, each repeated by its `Mix.objectives` weight."""
+    cycle = (mix or Mix()).cycle(list(objectives))
 
     def step_loss(model: nn.Module, step: int, rng: np.random.Generator) -> dict[str, Tensor]:
-        return objectives[names[step % len(names)]](model, rng, batch_size)
+        return objectives[cycle[step % len(cycle)]](model, rng, batch_size)
 
     return step_loss
 
@@ -377,9 +391,10 @@ def run_finetune(
     val_images: int = 100,
     eval_every: int | None = None,
     checkpoint_every: int = 200,
-    max_length: int = 40,
+    max_length: int = MAX_TEXT_TOKENS,
     progress: bool = True,
     max_seconds: float = 0,
+    mix: Mix | dict | str | None = None,
 ) -> Manifest:
     """Fine-tune for `task` and write a model_store entry; returns its manifest.
 
@@ -392,8 +407,10 @@ def run_finetune(
     when both exist, every `eval_every` steps (default steps // 5); the entry keeps the
     best validation state and its metrics as "val/<name>". label_fraction keeps that share
     of the VQA training images. checkpoint_dir makes the run resumable. The entry holds
-    history.json (the loop's per-step history) for `run_eval`'s training curves.
+    history.json (the loop's per-step history) for `run_eval`'s training curves. `mix`
+    weights objectives, VQA sources and families, and hard-negative kinds (`Mix.parse`).
     """
+    mix = Mix.parse(mix)
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, not {task!r}")
     store = ModelStore(store_root)
@@ -415,12 +432,14 @@ def run_finetune(
                     _fraction(easyvqa_source(features_dir, "train"), label_fraction, rng)
                 )
             sources += vqa_sources[1:]
-            objectives[name] = VqaObjective(vqa_sources, ANSWERS, tokenizer, max_length)
+            objectives[name] = VqaObjective(vqa_sources, ANSWERS, tokenizer, max_length, mix)
         elif name == "grounding":
             objectives[name] = GroundObjective(train_source, tokenizer, max_length)
         else:
             complete, hard = ALIGN_MIX[name]
-            objectives[name] = AlignObjective(train_source, tokenizer, complete, hard, max_length)
+            objectives[name] = AlignObjective(
+                train_source, tokenizer, complete, hard, max_length, mix.hard_kinds
+            )
     detector = _detector(detector_ref, init_manifest, sources)
 
     evaluate = None
@@ -442,7 +461,7 @@ def run_finetune(
     )
     result = train(
         model,
-        make_step_loss(objectives, batch_size),
+        make_step_loss(objectives, batch_size, mix),
         cfg,
         evaluate=evaluate,
         select_metric="score" if evaluate else None,
@@ -466,6 +485,7 @@ def run_finetune(
         "max_length": max_length,
         "objectives": list(objectives),
         "align_mix": {k: ALIGN_MIX[k] for k in objectives if k in ALIGN_MIX},
+        "mix": mix.to_dict(),
         "nce_temperature": NCE_TEMPERATURE,
     }
     metrics = {f"val/{k}": v for k, v in result.best_metrics.items()}

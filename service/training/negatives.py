@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -303,15 +303,37 @@ def sample_hard_negative(
     objects: Sequence[ShapeObject | dict],
     rng: np.random.Generator,
     kinds: Sequence[str] = NEGATIVE_KINDS,
+    kind_weights: Mapping[str, float] | None = None,
 ) -> Negative | None:
-    """One hard negative: a kind drawn uniformly among those the caption allows, then a
-    variant of that kind; None when no change makes the caption false."""
-    by_kind: dict[str, list[Negative]] = {}
-    for n in hard_negatives(caption, objects, kinds):
-        by_kind.setdefault(n.kind, []).append(n)
-    if not by_kind:
+    """One hard negative: a kind drawn among those the caption allows (uniformly, or by
+    `kind_weights`, default 1 each), then a variant of that kind; None when no change
+    makes the caption false."""
+    return pick_hard_negative(by_kind(hard_negatives(caption, objects, kinds)), rng, kind_weights)
+
+
+def by_kind(negatives: Sequence[Negative]) -> dict[str, list[Negative]]:
+    """Negatives grouped by kind, kinds in first-seen order."""
+    out: dict[str, list[Negative]] = {}
+    for n in negatives:
+        out.setdefault(n.kind, []).append(n)
+    return out
+
+
+def pick_hard_negative(
+    groups: Mapping[str, Sequence[Negative]],
+    rng: np.random.Generator,
+    kind_weights: Mapping[str, float] | None = None,
+) -> Negative | None:
+    """A kind of `groups` (uniformly, or by `kind_weights`), then one of its negatives."""
+    kinds = [k for k in groups if groups[k] and (kind_weights or {}).get(k, 1.0) > 0]
+    if not kinds:
         return None
-    options = by_kind[list(by_kind)[int(rng.integers(len(by_kind)))]]
+    if kind_weights:
+        w = np.array([kind_weights.get(k, 1.0) for k in kinds], dtype=np.float64)
+        kind = kinds[int(rng.choice(len(kinds), p=w / w.sum()))]
+    else:
+        kind = kinds[int(rng.integers(len(kinds)))]
+    options = groups[kind]
     return options[int(rng.integers(len(options)))]
 
 

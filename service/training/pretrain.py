@@ -47,7 +47,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from service.data.collate import collate
+from service.data.collate import MAX_TEXT_TOKENS, collate
 from service.data.language import ANSWERS
 from service.data.tokenizer import load_tokenizer, minilm_dir
 from service.models.backbone import Batch, build_backbone
@@ -128,7 +128,7 @@ class PretrainData:
         source: PairSource,
         tokenizer,
         answers=ANSWERS,
-        max_length: int = 40,
+        max_length: int = MAX_TEXT_TOKENS,
     ):
         if kind not in ("vilbert", "lxmert"):
             raise ValueError(f"unknown backbone {kind!r}")
@@ -425,7 +425,7 @@ def run_pretrain(
     device: str = "cpu",
     command: str = "",
     split: str = "train",
-    max_length: int = 40,
+    max_length: int = MAX_TEXT_TOKENS,
     checkpoint_every: int = 200,
     progress: bool = True,
     max_seconds: float = 0,

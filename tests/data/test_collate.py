@@ -47,3 +47,21 @@ def test_mismatched_lengths_rejected(tokenizer):
 def test_normalise_boxes_divides_by_size():
     boxes = torch.tensor([[0.0, 10.0, 64.0, 128.0]])
     assert normalise_boxes(boxes, width=128, height=128).tolist() == [[0.0, 10 / 128, 0.5, 1.0]]
+
+
+def test_the_longest_shapes_captions_fit_uncut(tokenizer):
+    """Every complete caption keeps its relation clause: six objects and a relation fit."""
+    from service.data.collate import MAX_TEXT_TOKENS
+    from service.data.shapes import generate_scene, scene_record, split_rng
+
+    captions = []
+    for i in range(400):
+        rng = split_rng(3, "train", i)
+        captions.append(
+            scene_record(generate_scene(rng, size=96), rng, "x.png", str(i))["captions"][0]
+        )
+    longest = max(captions, key=lambda c: len(tokenizer(c)["input_ids"]))
+    n = len(tokenizer(longest)["input_ids"])
+    assert 40 < n <= MAX_TEXT_TOKENS, (n, longest)  # 40, the old limit, cut these
+    batch = collate([longest], [_regions(2)], tokenizer)
+    assert batch.attention_mask.sum().item() == n

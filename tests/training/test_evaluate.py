@@ -31,12 +31,7 @@ HISTORY = [
 ] + [{"kind": "eval", "step": 20, "vqa_accuracy": 0.4, "score": 0.4}]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _fixed_heads(kind: str) -> torch.nn.Module:

@@ -43,15 +43,7 @@ from tests.training.pretrain_support import (
     write_tiny_split,
 )
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread is ~8x faster than two
-    oversubscribed ones. Restored afterwards, so no other test sees it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _single_object_split(root: Path, split: str, n: int, seed: int) -> None:

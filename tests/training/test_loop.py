@@ -14,12 +14,7 @@ from service.training.loop import TrainConfig, lr_factor, make_optimizer, train
 TRUE_W = torch.tensor([[1.5, -2.0, 0.5, 3.0]])
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def toy_model(seed: int = 0) -> nn.Module:

@@ -31,12 +31,7 @@ from tests.training.pretrain_support import DETECTOR, tiny_overrides, write_tiny
 KINDS = ["vilbert", "lxmert"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

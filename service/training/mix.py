@@ -1,0 +1,103 @@
+"""What fine-tuning draws, and how often: a `Mix` of objectives, VQA sources and families,
+and hard-negative kinds.
+
+The default mix is uniform everywhere: objectives in plain round robin, every VQA question
+equally likely, every hard-negative kind allowed by a caption equally likely. A recipe
+shifts the training signal toward weak spots without changing the data, e.g.
+
+    {"objectives": {"vqa": 2, "match": 2, "grounding": 1},
+     "vqa_sources": {"shapes": 4, "easy-vqa": 1},
+     "vqa_families": {"count": 3, "relation": 3},
+     "hard_kinds": {"relation": 3, "color": 2, "size": 2}}
+
+Objective weights are whole numbers of steps per cycle; the other weights are relative
+(names left out weigh 1). Every mix is recorded in the entry's manifest.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+MIX_FIELDS = ("objectives", "vqa_sources", "vqa_families", "hard_kinds")
+
+
+@dataclass(frozen=True)
+class Mix:
+    objectives: dict[str, int] = field(default_factory=dict)
+    vqa_sources: dict[str, float] = field(default_factory=dict)
+    vqa_families: dict[str, float] = field(default_factory=dict)
+    hard_kinds: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in MIX_FIELDS:
+            for key, w in getattr(self, name).items():
+                if not isinstance(w, int | float) or w < 0:
+                    raise ValueError(f"mix {name}[{key!r}] must be a weight >= 0, not {w!r}")
+        for key, w in self.objectives.items():
+            if w != int(w):
+                raise ValueError(f"mix objectives[{key!r}] must be a whole number, not {w}")
+
+    @classmethod
+    def parse(cls, spec: str | dict | None) -> Mix:
+        """A Mix from a dict, a JSON string or the path of a JSON file (None: uniform)."""
+        if spec is None or isinstance(spec, Mix):
+            return spec or cls()
+        if isinstance(spec, str):
+            text = Path(spec).read_text() if not spec.lstrip().startswith("{") else spec
+            spec = json.loads(text)
+        if unknown := set(spec) - set(MIX_FIELDS):
+            raise ValueError(f"unknown mix fields {sorted(unknown)}; known: {MIX_FIELDS}")
+        return cls(**spec)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def cycle(self, names: Sequence[str]) -> list[str]:
+        """The objectives of one round-robin cycle, interleaved: weights {a: 2, b: 1, c: 2}
+        give [a, b, c, a, c]."""
+        if unknown := set(self.objectives) - set(names):
+            raise ValueError(f"mix names objectives {sorted(unknown)} not trained here")
+        weights = {n: int(self.objectives.get(n, 1)) for n in names}
+        out = [n for r in range(max(weights.values(), default=0)) for n in names if weights[n] > r]
+        if not out:
+            raise ValueError("mix gives every objective weight 0")
+        return out
+
+
+def weighted_choice(
+    weights: np.ndarray | None, rng: np.random.Generator, n: int, size: int
+) -> np.ndarray:
+    """n indices into `size` items, uniformly (weights None) or by the weights."""
+    if weights is None:
+        return rng.integers(size, size=n)
+    return rng.choice(size, size=n, p=weights / weights.sum())
+
+
+def item_weights(
+    groups: Sequence[tuple[str, str]], by_group: dict[str, float], by_family: dict[str, float]
+) -> np.ndarray | None:
+    """Per-item sampling weights for items labelled (group, family).
+
+    Groups are the records' sources ("shapes", "easy-vqa"). With `by_group`, a group's
+    total weight is its weight (default 1) spread over its items, so {"shapes": 4,
+    "easy-vqa": 1} means four of five draws from shapes whatever the sizes; without it,
+    groups weigh as many as their items. `by_family` scales each family's items. None when
+    both are empty: uniform over items, the plain draw.
+    """
+    if not by_group and not by_family:
+        return None
+    labels = np.array([g for g, _ in groups])
+    w = np.array([by_family.get(f, 1.0) for _, f in groups], dtype=np.float64)
+    for g in set(labels.tolist()) if by_group else ():
+        sel = labels == g
+        total = w[sel].sum()
+        if total > 0:
+            w[sel] *= by_group.get(g, 1.0) / total
+    if w.sum() <= 0:
+        raise ValueError("mix gives every VQA question weight 0")
+    return w

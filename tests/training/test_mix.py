@@ -1,0 +1,121 @@
+"""Fine-tuning mixes: objective cycles, weighted VQA draws and hard-negative kinds."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from service.data.language import ANSWERS
+from service.data.tokenizer import load_tokenizer
+from service.training.examples import PairSource
+from service.training.finetune import VqaObjective, run_finetune
+from service.training.mix import Mix, item_weights, weighted_choice
+from service.training.negatives import Negative, pick_hard_negative
+from tests.training.pretrain_support import tiny_overrides, write_tiny_split
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_cycle_interleaves_objectives_by_weight():
+    mix = Mix(objectives={"vqa": 2, "grounding": 1, "match": 2})
+    assert mix.cycle(["vqa", "match", "grounding"]) == ["vqa", "match", "grounding", "vqa", "match"]
+    assert Mix().cycle(["vqa", "match"]) == ["vqa", "match"]
+    assert Mix(objectives={"match": 0}).cycle(["vqa", "match"]) == ["vqa"]
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ({"objectives": {"vqa": 1.5}}, "whole number"),
+        ({"vqa_families": {"count": -1}}, "weight >= 0"),
+        ({"hard_kind": {}}, "unknown mix fields"),
+    ],
+)
+def test_bad_mixes_are_refused(spec, message):
+    with pytest.raises(ValueError, match=message):
+        Mix.parse(spec)
+
+
+def test_cycle_refuses_unknown_or_all_zero_objectives():
+    with pytest.raises(ValueError, match="not trained here"):
+        Mix(objectives={"caption": 1}).cycle(["vqa"])
+    with pytest.raises(ValueError, match="weight 0"):
+        Mix(objectives={"vqa": 0}).cycle(["vqa"])
+
+
+def test_parse_reads_dicts_json_text_and_files(tmp_path):
+    spec = {"vqa_families": {"count": 3.0}, "hard_kinds": {"relation": 2}}
+    path = tmp_path / "mix.json"
+    path.write_text(json.dumps(spec))
+    for given in (spec, json.dumps(spec), str(path)):
+        assert Mix.parse(given).to_dict() == {**Mix().to_dict(), **spec}
+    assert Mix.parse(None) == Mix()
+
+
+def test_source_weights_set_the_share_of_draws_whatever_the_sizes():
+    # 900 shapes questions, 100 easy-VQA ones: 4:1 by weight instead of 9:1 by size
+    labels = (
+        [("shapes", "count")] * 300 + [("shapes", "color")] * 600 + [("easy-vqa", "color")] * 100
+    )
+    w = item_weights(labels, {"shapes": 4, "easy-vqa": 1}, {"count": 2})
+    picks = weighted_choice(w, np.random.default_rng(0), 20_000, len(labels))
+    drawn = Counter(labels[int(j)] for j in picks)
+    n = sum(drawn.values())
+    assert abs((drawn[("easy-vqa", "color")] / n) - 0.2) < 0.01
+    # within shapes, count weighs 2 per question: 600 : 600 of the shapes share
+    assert abs(drawn[("shapes", "count")] / n - 0.4) < 0.01
+    # no source weights: sources weigh as many as their questions, families still scale
+    w = item_weights(labels, {}, {"count": 0})
+    assert w[:300].sum() == 0 and np.allclose(w[300:], 1.0)
+    assert item_weights(labels, {}, {}) is None
+
+
+def test_hard_kind_weights_shift_the_draw_and_zero_leaves_a_kind_out():
+    groups = {
+        k: [Negative(f"{k} {v}", k) for v in range(n)]
+        for k, n in [("color", 5), ("relation", 1), ("size", 2)]
+    }
+    rng = np.random.default_rng(0)
+    drawn = Counter(pick_hard_negative(groups, rng, {"relation": 3}).kind for _ in range(5000))
+    assert abs(drawn["relation"] / 5000 - 3 / 5) < 0.02
+    drawn = Counter(pick_hard_negative(groups, rng, {"color": 0}).kind for _ in range(500))
+    assert set(drawn) == {"relation", "size"}
+    assert pick_hard_negative({"relation": groups["relation"]}, rng, {"relation": 0}) is None
+
+
+def test_vqa_objective_weights_follow_each_questions_family(tmp_path):
+    data, features = write_tiny_split(tmp_path, "train", n=16)
+    source = PairSource.load(data, features, "train")
+    mix = Mix(vqa_families={"count": 0, "relation": 5})
+    objective = VqaObjective([source], ANSWERS, load_tokenizer(), mix=mix)
+    families = [source.questions(i)[k]["family"] for _, i, k in objective.items]
+    assert "count" in families and "relation" in families
+    for family, w in zip(families, objective.weights, strict=True):
+        assert w == {"count": 0.0, "relation": 5.0}.get(family, 1.0)
+
+
+def test_finetune_follows_the_mix_and_records_it(tmp_path):
+    data, features = write_tiny_split(tmp_path, "train", n=16)
+    mix = {"objectives": {"vqa": 2, "match": 2, "grounding": 1}, "hard_kinds": {"relation": 2}}
+    m = run_finetune(
+        "all",
+        "none",
+        backbone="lxmert",
+        features_dir=features,
+        data_dir=data,
+        store_root=tmp_path / "store",
+        steps=10,
+        batch_size=4,
+        lr=1e-3,
+        config_overrides=tiny_overrides("lxmert"),
+        progress=False,
+        mix=mix,
+    )
+    history = json.loads((m.path / "history.json").read_text())
+    steps = [h for h in history if h["kind"] == "train"]
+    objective = ["vqa" if "vqa" in h else "match" if "match" in h else "ground" for h in steps]
+    assert objective == ["vqa", "match", "ground", "vqa", "match"] * 2
+    assert m.data["mix"] == {**Mix().to_dict(), **mix}
