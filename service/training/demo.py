@@ -20,6 +20,7 @@ from service.store import ModelStore
 from service.training.detector_ops import run_eval_detector, run_features, run_train_detector
 from service.training.evaluate import run_eval
 from service.training.finetune import run_finetune
+from service.training.mix import Mix
 from service.training.pretrain import run_pretrain
 
 BACKBONES = ("vilbert", "lxmert")
@@ -40,6 +41,8 @@ class DemoRecipe:
     # time boxes in seconds (absent or 0: run every step), e.g. to fit a GPU lease
     pretrain_seconds: dict[str, float] = field(default_factory=dict)
     finetune_seconds: dict[str, float] = field(default_factory=dict)
+    # what fine-tuning draws how often (service.training.mix.Mix fields; empty: uniform)
+    finetune_mix: dict = field(default_factory=dict)
     batch_size: int = 32
     gallery_size: int = 1000
     seed: int = 0
@@ -47,6 +50,9 @@ class DemoRecipe:
     detector_overrides: dict | None = None  # tests shrink the models through these
     backbone_overrides: dict | None = None
     backbones: tuple[str, ...] = BACKBONES
+
+    def __post_init__(self):
+        Mix.parse(self.finetune_mix)  # a bad mix fails here, not after an hour of pretraining
 
     @classmethod
     def from_json(cls, path: str | Path, **overrides) -> DemoRecipe:
@@ -199,6 +205,7 @@ def _backbone_stages(
                 max_seconds=recipe.finetune_seconds.get(kind, 0),
                 seed=recipe.seed,
                 include_easyvqa=recipe.include_easyvqa,
+                mix=recipe.finetune_mix,
                 checkpoint_dir=str(ckpt / f"{kind}_finetune"),
                 device=device,
                 command=f"{command} (finetune {kind})",

@@ -69,3 +69,6 @@ def test_a_recipe_file_changes_only_the_fields_it_names(tmp_path):
     path.write_text(json.dumps({"batch_sise": 64}))
     with pytest.raises(ValueError, match="batch_sise"):
         DemoRecipe.from_json(path)
+    path.write_text(json.dumps({"finetune_mix": {"vqa_families": {"count": -2}}}))
+    with pytest.raises(ValueError, match="weight >= 0"):
+        DemoRecipe.from_json(path)
