@@ -66,17 +66,17 @@ class Galleries:
             raise Conflict("two images in this request have the same id (or the same bytes)")
         for attempt in range(ATTEMPTS):
             model = await asyncio.to_thread(self.storage.model_of, name)
-            async with self.engine.gallery_model(model) as backbone:
-                regions = await asyncio.gather(
-                    *(self.engine.regions(backbone, im) for im in decoded)
-                )
-                sets = [as_stored(r.region_set) for r in regions]
-                embeddings = await self._embed(backbone, sets)
-            stored = [
-                StoredImage(i, im.sha256, emb, rs.features.numpy(), rs.boxes.numpy())
-                for i, im, emb, rs in zip(ids, decoded, embeddings, sets, strict=True)
-            ]
             try:
+                async with self.engine.gallery_model(model) as backbone:
+                    regions = await asyncio.gather(
+                        *(self.engine.regions(backbone, im) for im in decoded)
+                    )
+                    sets = [as_stored(r.region_set) for r in regions]
+                    embeddings = await self._embed(backbone, sets)
+                stored = [
+                    StoredImage(i, im.sha256, emb, rs.features.numpy(), rs.boxes.numpy())
+                    for i, im, emb, rs in zip(ids, decoded, embeddings, sets, strict=True)
+                ]
                 await asyncio.to_thread(self.storage.add, name, stored, model)
                 return ids
             except Rebound:

@@ -18,6 +18,7 @@ import torch
 from service.config import Settings
 from service.errors import Conflict, NotFound, ServiceError, Unavailable
 from service.gallery.service import Galleries
+from service.gallery.storage import Rebound
 from service.runtime.batcher import DynamicBatcher
 from service.runtime.cache import RegionCache
 from service.runtime.images import DecodedImage, decode_image
@@ -181,14 +182,12 @@ class Engine:
         """The backbone a gallery is bound to (exactly `ref`), held for one request.
 
         During a reload that may be the replaced version: it stays loaded until every
-        gallery bound to it has been re-indexed onto the new one.
+        gallery bound to it has been re-indexed onto the new one. A version not loaded here
+        may be one another replica's reload moved the gallery to: see `_catch_up`.
         """
         if not self.ready:
             raise Unavailable(self.state)
-        backbone = self.backbones.get(ref) or self._retiring.get(ref)
-        if backbone is None:
-            known = ", ".join(self.backbones) or "none"
-            raise NotFound(f"the gallery's model {ref} is not loaded here; loaded: {known}")
+        backbone = self.backbones.get(ref) or self._retiring.get(ref) or await self._catch_up(ref)
         async with self._held(backbone):
             yield backbone
 
@@ -219,38 +218,38 @@ class Engine:
         version (still loaded) and ReloadFailed says so; reloading again retries it.
         """
         async with self._reload_lock:
-            old = self.backbone(name)
-            if old.manifest.name != name:
-                raise NotFound(f"no model named {name!r} is loaded; loaded: {list(self.backbones)}")
-            manifest = await asyncio.to_thread(resolve, self.store, name)
-            if manifest.ref == old.manifest.ref:
-                await self._moved_or_raise(old)  # a re-index that failed before
-                return _model_info(old)
-            await self._check_galleries_can_move(old.manifest, manifest)
-            loop = asyncio.get_running_loop()
-            try:
-                detector, new = await loop.run_in_executor(
-                    self.worker.executor, self._load, manifest
-                )
-            except Exception as exc:
-                raise ReloadFailed(
-                    f"cannot load {manifest.ref} ({exc}); still serving {old.manifest.ref}"
-                ) from exc
-            if detector is not None:
-                ref = detector.manifest.ref
-                self._detect[ref] = await self._started(ref, self._detect_handler(detector))
-                self.detectors[ref] = detector
-            self._encode[manifest.ref] = await self._started(
-                manifest.ref, self._encode_handler(new)
-            )
-            self._retiring[old.manifest.ref] = old  # before the swap: galleries never miss it
-            self.backbones = {  # one assignment: a request sees the old set or the new one
-                (manifest.ref if r == old.manifest.ref else r): (new if b is old else b)
-                for r, b in self.backbones.items()
-            }
-            log.info("reloaded %s -> %s", old.manifest.ref, manifest.ref)
-            await self._moved_or_raise(new)
-            return _model_info(new)
+            return await self._reload(name)
+
+    async def _reload(self, name: str) -> dict:
+        """`reload`, under the reload lock."""
+        old = self.backbone(name)
+        if old.manifest.name != name:
+            raise NotFound(f"no model named {name!r} is loaded; loaded: {list(self.backbones)}")
+        manifest = await asyncio.to_thread(resolve, self.store, name)
+        if manifest.ref == old.manifest.ref:
+            await self._moved_or_raise(old)  # a re-index that failed before
+            return _model_info(old)
+        await self._check_galleries_can_move(old.manifest, manifest)
+        loop = asyncio.get_running_loop()
+        try:
+            detector, new = await loop.run_in_executor(self.worker.executor, self._load, manifest)
+        except Exception as exc:
+            raise ReloadFailed(
+                f"cannot load {manifest.ref} ({exc}); still serving {old.manifest.ref}"
+            ) from exc
+        if detector is not None:
+            ref = detector.manifest.ref
+            self._detect[ref] = await self._started(ref, self._detect_handler(detector))
+            self.detectors[ref] = detector
+        self._encode[manifest.ref] = await self._started(manifest.ref, self._encode_handler(new))
+        self._retiring[old.manifest.ref] = old  # before the swap: galleries never miss it
+        self.backbones = {  # one assignment: a request sees the old set or the new one
+            (manifest.ref if r == old.manifest.ref else r): (new if b is old else b)
+            for r, b in self.backbones.items()
+        }
+        log.info("reloaded %s -> %s", old.manifest.ref, manifest.ref)
+        await self._moved_or_raise(new)
+        return _model_info(new)
 
     async def _check_galleries_can_move(self, old: Manifest, new: Manifest) -> None:
         if new.detector == old.detector:
@@ -292,6 +291,9 @@ class Engine:
                 count = await self.galleries.reindex(gallery, ref, backbone)
             except NotFound:
                 continue  # deleted meanwhile
+            except Rebound:  # another replica on this data dir moved it first
+                log.info("gallery %s was moved off %s meanwhile, elsewhere", gallery, ref)
+                continue
             except Exception as exc:
                 log.exception("re-indexing gallery %s for %s failed", gallery, m.ref)
                 failed.append((gallery, ref, exc))
@@ -322,6 +324,85 @@ class Engine:
         await self._encode[ref].stop(drain=True)
         del self._encode[ref]
         self._users.pop(ref, None)
+
+    # -- replicas that share the store and the data dir ---------------------------------
+    async def _catch_up(self, ref: str) -> LoadedBackbone:
+        """A gallery is bound to `ref`, a version not loaded here. Replicas share the store
+        and the galleries, so another replica's reload moves galleries under this one:
+
+        - `ref` is the store's newest version of a model served here in an older one: reload
+          it here too (`reload`, once however many requests ask), then serve it;
+        - the version served here is the store's newest and `ref` an older one (a replica
+          that had not reloaded yet made the gallery): re-index galleries onto it, as a
+          reload does; Rebound asks the caller to read the gallery's new binding.
+
+        Anything else is NotFound.
+        """
+        name, _, version = ref.rpartition("@")
+        async with self._reload_lock:
+            if loaded := self.backbones.get(ref) or self._retiring.get(ref):
+                return loaded  # a request before this one caught up
+            served = self._served(name)
+            newest = await asyncio.to_thread(self._newest, name)
+            if served is None or newest is None or not version.isdigit():
+                raise self._not_here(ref, newest)
+            if newest.ref == ref and served.manifest.version < newest.version:
+                log.info(
+                    "catching up: a gallery is bound to %s, serving %s: reloading",
+                    ref,
+                    served.manifest.ref,
+                )
+                await self._reload_to(served)
+            elif newest.ref == served.manifest.ref and int(version) < newest.version:
+                log.info("catching up: galleries on %s move to %s", ref, newest.ref)
+                await self._move_to(served, ref)
+            else:
+                raise self._not_here(ref, newest)
+        if loaded := self.backbones.get(ref):
+            return loaded
+        raise Rebound(f"the gallery moved from {ref} to {self._served(name).manifest.ref}; retry")
+
+    async def _reload_to(self, old: LoadedBackbone) -> None:
+        """Reload `old`'s model. Its new version serves even if some gallery bound to `old`
+        could not be re-indexed (logged; that gallery keeps `old`)."""
+        try:
+            await self._reload(old.manifest.name)
+        except ReloadFailed:
+            if self._served(old.manifest.name) is old:
+                raise  # the new version could not load
+            log.warning(
+                "caught up with %s; some galleries stay on %s", old.manifest.name, old.manifest.ref
+            )
+
+    async def _move_to(self, backbone: LoadedBackbone, ref: str) -> None:
+        failed = await self._move_galleries(backbone)
+        for gallery, bound, exc in failed:
+            log.error("gallery %s stays bound to %s: %s", gallery, bound, exc)
+        if stuck := [exc for _, bound, exc in failed if bound == ref]:
+            raise NotFound(
+                f"the gallery's model {ref} is not loaded here, and galleries on it could "
+                f"not be re-indexed for {backbone.manifest.ref}: {stuck[0]}"
+            )
+
+    def _served(self, name: str) -> LoadedBackbone | None:
+        return next((b for b in self.backbones.values() if b.manifest.name == name), None)
+
+    def _newest(self, name: str) -> Manifest | None:
+        try:
+            return resolve(self.store, name)
+        except NotFound:
+            return None
+
+    def _not_here(self, ref: str, newest: Manifest | None) -> NotFound:
+        known = ", ".join(self.backbones) or "none"
+        newest_is = (
+            f"the store's newest is {newest.ref}"
+            if newest
+            else f"the store has no {ref.rpartition('@')[0]}"
+        )
+        return NotFound(
+            f"the gallery's model {ref} is not loaded here; loaded: {known}; {newest_is}"
+        )
 
     # -- stages ----------------------------------------------------------------------
     @contextmanager
