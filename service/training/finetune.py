@@ -24,6 +24,10 @@ Objectives (each samples its own batch of `batch_size` from the step's rng):
   all        vqa, match and grounding in round robin, one per step: the one model that
              serves vqa, match, ground and retrieval.
 
+Each objective comes in two halves, `prepare(rng, n, device)` (draws, tokenising, collate,
+targets, the copy to the device: no model) and `loss(model, prepared)`, so that the loop
+can prepare the next step's batch while this one runs (`TrainConfig.prefetch`).
+
 `label_fraction` keeps that fraction of the VQA training images (seeded); the other
 objectives keep every image. Validation runs on the val split's features when they exist
 (`val_images` images), and the best validation state is kept.
@@ -31,6 +35,7 @@ objectives keep every image. Validation runs on the val split's features when th
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +46,7 @@ from torch import Tensor, nn
 from service.data.collate import MAX_TEXT_TOKENS, collate
 from service.data.language import ANSWERS
 from service.data.tokenizer import load_tokenizer
-from service.models.backbone import EMBED_TEMPERATURE, build_backbone
+from service.models.backbone import EMBED_TEMPERATURE, Batch, build_backbone
 from service.store import Manifest, ModelStore
 from service.training.entries import freeze_external, write_model_entry
 from service.training.evaluate import (
@@ -52,7 +57,7 @@ from service.training.evaluate import (
     eval_vqa,
 )
 from service.training.examples import PairSource, answer_targets, feature_path
-from service.training.loop import TrainConfig, model_device, train
+from service.training.loop import TrainConfig, model_device, to_device, train
 from service.training.metrics import paired_iou
 from service.training.mix import Mix, item_weights, weighted_choice
 from service.training.negatives import by_kind, hard_negatives, pick_hard_negative, random_negative
@@ -102,7 +107,40 @@ def grounding_loss(logits: Tensor, good: Tensor) -> Tensor:
     return (torch.logsumexp(logits, dim=1) - right).mean()
 
 
-class VqaObjective:
+class Objective:
+    """A fine-tuning objective in two halves; calling it prepares a batch and scores it."""
+
+    def prepare(self, rng: np.random.Generator, n: int, device: torch.device):
+        raise NotImplementedError
+
+    def loss(self, model: nn.Module, prepared) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def __call__(self, model: nn.Module, rng: np.random.Generator, n: int) -> dict[str, Tensor]:
+        return self.loss(model, self.prepare(rng, n, model_device(model)))
+
+
+@dataclass
+class VqaBatch:
+    batch: Batch
+    targets: Tensor  # (B, A) soft answer scores
+
+
+@dataclass
+class AlignBatch:
+    pairs: Batch  # true and false captions with their images
+    labels: Tensor  # (P,) 1 = matched
+    images: Batch  # each image with its complete caption, for InfoNCE
+    same: Tensor  # (B, B) bool, identical complete captions
+
+
+@dataclass
+class GroundBatch:
+    batch: Batch
+    good: Tensor  # (B, R) bool, regions with IoU >= GROUND_IOU with the referred object
+
+
+class VqaObjective(Objective):
     """Questions of one or more PairSources: uniformly over all questions, or weighted by
     source and family (`Mix.vqa_sources`, `Mix.vqa_families`)."""
 
@@ -131,7 +169,7 @@ class VqaObjective:
         ]
         self.weights = item_weights(labels, mix.vqa_sources, mix.vqa_families)
 
-    def __call__(self, model: nn.Module, rng: np.random.Generator, n: int) -> dict[str, Tensor]:
+    def prepare(self, rng: np.random.Generator, n: int, device: torch.device) -> VqaBatch:
         texts, regions, targets = [], [], []
         for j in weighted_choice(self.weights, rng, n, len(self.items)):
             s, i, k = self.items[int(j)]
@@ -139,13 +177,15 @@ class VqaObjective:
             texts.append(q["question"])
             regions.append(self.sources[s].region_set(i))
             targets.append(answer_targets(q["answer"], self.index))
-        device = model_device(model)
-        batch = collate(texts, regions, self.tokenizer, self.max_length).to(device)
-        loss = vqa_loss(model.answer(batch), torch.stack(targets).to(device))
+        batch = collate(texts, regions, self.tokenizer, self.max_length)
+        return to_device(VqaBatch(batch, torch.stack(targets)), device)
+
+    def loss(self, model: nn.Module, prepared: VqaBatch) -> dict[str, Tensor]:
+        loss = vqa_loss(model.answer(prepared.batch), prepared.targets)
         return {"loss": loss, "vqa": loss.detach()}
 
 
-class AlignObjective:
+class AlignObjective(Objective):
     """Alignment BCE over true and false captions, plus InfoNCE on the dual embeddings."""
 
     def __init__(
@@ -191,7 +231,7 @@ class AlignObjective:
             return captions[0]
         return captions[int(rng.integers(len(captions)))]
 
-    def __call__(self, model: nn.Module, rng: np.random.Generator, n: int) -> dict[str, Tensor]:
+    def prepare(self, rng: np.random.Generator, n: int, device: torch.device) -> AlignBatch:
         picks = rng.choice(self.images, size=min(n, len(self.images)), replace=False)
         regions = [self.source.region_set(int(i)) for i in picks]
         texts, pair_regions, labels = [], [], []
@@ -203,21 +243,27 @@ class AlignObjective:
                 texts.append(neg)
                 pair_regions.append(rs)
                 labels.append(0.0)
-        device = model_device(model)
-        pairs = collate(texts, pair_regions, self.tokenizer, self.max_length).to(device)
-        match = F.binary_cross_entropy_with_logits(
-            model.match(pairs).float(), torch.tensor(labels, device=device)
-        )
         complete = [self.source.captions(int(i))[0] for i in picks]
-        b = collate(complete, regions, self.tokenizer, self.max_length).to(device)
+        prepared = AlignBatch(
+            pairs=collate(texts, pair_regions, self.tokenizer, self.max_length),
+            labels=torch.tensor(labels),
+            images=collate(complete, regions, self.tokenizer, self.max_length),
+            same=torch.tensor([[a == c for c in complete] for a in complete]),
+        )
+        return to_device(prepared, device)
+
+    def loss(self, model: nn.Module, prepared: AlignBatch) -> dict[str, Tensor]:
+        match = F.binary_cross_entropy_with_logits(
+            model.match(prepared.pairs).float(), prepared.labels
+        )
+        b = prepared.images
         text = model.embed_text(b.input_ids, b.attention_mask)
         image = model.embed_image(b.region_features, b.region_boxes, b.region_mask)
-        same = torch.tensor([[a == c for c in complete] for a in complete], device=device)
-        nce = info_nce(text, image, same, NCE_TEMPERATURE)
+        nce = info_nce(text, image, prepared.same, NCE_TEMPERATURE)
         return {"loss": match + nce, "match": match.detach(), "nce": nce.detach()}
 
 
-class GroundObjective:
+class GroundObjective(Objective):
     """Referring expressions against the regions that overlap the referred object."""
 
     def __init__(self, source: PairSource, tokenizer, max_length: int = MAX_TEXT_TOKENS):
@@ -235,27 +281,45 @@ class GroundObjective:
         if not self.items:
             raise ValueError("no referring expression has a region with IoU >= 0.5")
 
-    def __call__(self, model: nn.Module, rng: np.random.Generator, n: int) -> dict[str, Tensor]:
+    def prepare(self, rng: np.random.Generator, n: int, device: torch.device) -> GroundBatch:
         chosen = [self.items[int(j)] for j in rng.integers(len(self.items), size=n)]
         regions = [self.source.region_set(i) for i, _, _ in chosen]
-        device = model_device(model)
         batch = collate([e for _, e, _ in chosen], regions, self.tokenizer, self.max_length)
         good = torch.zeros(batch.region_mask.shape, dtype=torch.bool)
         for row, (_, _, g) in enumerate(chosen):
             good[row, : len(g)] = g
-        loss = grounding_loss(model.ground(batch.to(device)), good.to(device))
+        return to_device(GroundBatch(batch, good), device)
+
+    def loss(self, model: nn.Module, prepared: GroundBatch) -> dict[str, Tensor]:
+        loss = grounding_loss(model.ground(prepared.batch), prepared.good)
         return {"loss": loss, "ground": loss.detach()}
 
 
-def make_step_loss(objectives: dict, batch_size: int, mix: Mix | None = None):
+class RoundRobin:
     """The loop's step_loss: objective `cycle[step % len(cycle)]`, the cycle being the
-    objectives in round robin, each repeated by its `Mix.objectives` weight."""
-    cycle = (mix or Mix()).cycle(list(objectives))
+    objectives in round robin, each repeated by its `Mix.objectives` weight. Split into
+    `prepare` and `run` for the loop's prefetch."""
 
-    def step_loss(model: nn.Module, step: int, rng: np.random.Generator) -> dict[str, Tensor]:
-        return objectives[cycle[step % len(cycle)]](model, rng, batch_size)
+    def __init__(self, objectives: dict[str, Objective], batch_size: int, mix: Mix | None = None):
+        self.objectives, self.batch_size = objectives, batch_size
+        self.cycle = (mix or Mix()).cycle(list(objectives))
 
-    return step_loss
+    def prepare(self, step: int, rng: np.random.Generator, device: torch.device) -> tuple:
+        """(objective name, its prepared batch) for `step`."""
+        name = self.cycle[step % len(self.cycle)]
+        return name, self.objectives[name].prepare(rng, self.batch_size, device)
+
+    def run(self, model: nn.Module, prepared: tuple) -> dict[str, Tensor]:
+        name, batch = prepared
+        return self.objectives[name].loss(model, batch)
+
+    def __call__(self, model: nn.Module, step: int, rng: np.random.Generator) -> dict[str, Tensor]:
+        return self.run(model, self.prepare(step, rng, model_device(model)))
+
+
+def make_step_loss(objectives: dict, batch_size: int, mix: Mix | None = None) -> RoundRobin:
+    """The loop's step_loss over `objectives` (see `RoundRobin`)."""
+    return RoundRobin(objectives, batch_size, mix)
 
 
 # ---- validation -----------------------------------------------------------------------------

@@ -15,6 +15,16 @@ Multi-process: under torchrun (torch.distributed initialised; gloo on CPU, nccl 
 GPU) the loop wraps the model in DistributedDataParallel, seeds each rank's `rng` with
 seed + rank so the ranks sample different batches (the global batch is batch_size x
 world size), and only rank 0 shows progress and writes checkpoints.
+
+Prefetch: a step_loss may come in two halves, `prepare(step, rng, device) -> prepared`
+(every draw from rng, tokenising, masking, collating, the copy to `device`: nothing that
+needs the model) and `run(model, prepared) -> {"loss", ...}` (forward and loss). Then,
+with cfg.prefetch (default: on a GPU only), one background thread prepares step s+1
+while step s runs, so that a step costs max(prepare, compute) rather than their sum.
+That thread alone draws from `rng`, in step order, so the batches are the ones drawn
+without prefetch; a checkpoint holds the rng state from before the prepared-but-unused
+batch was drawn. Prepare must draw from `rng` only (not from torch's global generator,
+which dropout uses meanwhile).
 """
 
 from __future__ import annotations
@@ -25,8 +35,10 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -57,6 +69,9 @@ class TrainConfig:
     device: str = "cpu"
     progress: bool = True
     max_seconds: float = 0  # > 0: a time box; the schedule and the stop follow the clock
+    # prepare the next batch in a background thread (see module doc); None: on a GPU only,
+    # since on a CPU the preparation and the step share the same few cores
+    prefetch: bool | None = None
 
 
 @dataclass
@@ -86,20 +101,21 @@ class _Progress:
 
 
 class _StepModule(nn.Module):
-    """The step_loss as a module's forward, so that DDP sees every parameter it used.
+    """The step as a module's forward, so that DDP sees every parameter it used.
 
     DDP synchronises the gradients of what runs inside its wrapped forward; wrapping the
     whole step (not just `model.forward`) lets a step_loss call any method (answer,
-    match, embed_text, ...) and leave whole heads unused.
+    match, embed_text, ...) and leave whole heads unused. `step_fn(model, *inputs)` is
+    the step_loss itself (inputs: step, rng) or its `run` half (inputs: prepared).
     """
 
-    def __init__(self, model: nn.Module, step_loss: StepLoss):
+    def __init__(self, model: nn.Module, step_fn: Callable[..., dict[str, Tensor]]):
         super().__init__()
         self.model = model
-        self.step_loss = step_loss
+        self.step_fn = step_fn
 
-    def forward(self, step: int, rng: np.random.Generator) -> dict[str, Tensor]:
-        out = self.step_loss(self.model, step, rng)
+    def forward(self, *inputs) -> dict[str, Tensor]:
+        out = self.step_fn(self.model, *inputs)
         # only the total may carry a graph: DDP expects every output to reach the loss
         return {k: (v if k == "loss" else v.detach()) for k, v in out.items()}
 
@@ -127,6 +143,23 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 def model_device(model: nn.Module) -> torch.device:
     """Where the model's parameters live: put a step's batch there."""
     return next(model.parameters()).device
+
+
+def to_device(obj: Any, device: torch.device | str) -> Any:
+    """`obj` with its tensors on `device`: a tensor, or dataclasses, dicts, lists and
+    tuples of them. Non-blocking, so that a copy issued by the prefetch thread does not
+    wait for the GPU (the copy and the kernels that read it share a stream)."""
+    if isinstance(obj, Tensor):
+        return obj.to(device, non_blocking=True)
+    if is_dataclass(obj) and not isinstance(obj, type):
+        return replace(
+            obj, **{f.name: to_device(getattr(obj, f.name), device) for f in fields(obj)}
+        )
+    if isinstance(obj, dict):
+        return {k: to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_device(v, device) for v in obj)
+    return obj
 
 
 def train(
@@ -157,7 +190,8 @@ def train(
         progress = _load_checkpoint(ckpt, model, optimizer, rng, rank, world, device)
     saved_step = progress.step if cfg.checkpoint_dir else None
 
-    runner: nn.Module = _StepModule(model, step_loss)
+    feed = _feed(step_loss, rng, device, cfg)
+    runner: nn.Module = _StepModule(model, step_loss.run if feed.prefetches else step_loss)
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
         runner = nn.parallel.DistributedDataParallel(
@@ -172,28 +206,34 @@ def train(
     )
     model.train()
     clock = _Clock(cfg, world, device)
-    while (position := clock.position(progress.step)) < cfg.steps:
-        record = _train_step(runner, model, optimizer, rng, progress.step, position, cfg)
-        progress.step += 1
-        progress.history.append(record)
-        bar.update(1)
-        bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k not in ("kind", "step")})
-        if evaluate and cfg.eval_every and progress.step % cfg.eval_every == 0:
+    try:
+        while (position := clock.position(progress.step)) < cfg.steps:
+            inputs = feed.take(progress.step)
+            record = _train_step(runner, model, optimizer, inputs, progress.step, position, cfg)
+            progress.step += 1
+            progress.history.append(record)
+            bar.update(1)
+            bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k not in ("kind", "step")})
+            if evaluate and cfg.eval_every and progress.step % cfg.eval_every == 0:
+                feed.settle()  # evaluate may share what prepare uses (the tokenizer)
+                _run_eval(model, evaluate, select_metric, progress)
+            if (
+                cfg.checkpoint_dir
+                and cfg.checkpoint_every
+                and progress.step % cfg.checkpoint_every == 0
+            ):
+                _checkpoint(cfg, model, optimizer, feed.rng_state(), progress, rank, world, device)
+                saved_step = progress.step
+        bar.close()
+        evaluated_last = progress.history and progress.history[-1]["kind"] == "eval"
+        if evaluate and not evaluated_last:
+            feed.settle()
             _run_eval(model, evaluate, select_metric, progress)
-        if (
-            cfg.checkpoint_dir
-            and cfg.checkpoint_every
-            and progress.step % cfg.checkpoint_every == 0
-        ):
-            _checkpoint(cfg, model, optimizer, rng, progress, rank, world, device)
-            saved_step = progress.step
-    bar.close()
-    evaluated_last = progress.history and progress.history[-1]["kind"] == "eval"
-    if evaluate and not evaluated_last:
-        _run_eval(model, evaluate, select_metric, progress)
-        saved_step = None  # the evaluation is news to the checkpoint
-    if cfg.checkpoint_dir and saved_step != progress.step:
-        _checkpoint(cfg, model, optimizer, rng, progress, rank, world, device)
+            saved_step = None  # the evaluation is news to the checkpoint
+        if cfg.checkpoint_dir and saved_step != progress.step:
+            _checkpoint(cfg, model, optimizer, feed.rng_state(), progress, rank, world, device)
+    finally:
+        feed.close()
     if select_metric and progress.best_state is not None:
         model.load_state_dict(progress.best_state)
     return TrainResult(model, progress.history, dict(progress.best_metrics), progress.step)
@@ -219,13 +259,90 @@ class _Clock:
         return float(pos.item())
 
 
+# ---- batches: inline or prefetched ----------------------------------------------------------
+
+
+class _Inline:
+    """No prefetch: the step_loss samples its own batch from rng when it runs."""
+
+    prefetches = False
+
+    def __init__(self, rng: np.random.Generator):
+        self.rng = rng
+
+    def take(self, step: int) -> tuple:
+        return step, self.rng
+
+    def settle(self) -> None:
+        pass
+
+    def rng_state(self) -> dict:
+        return self.rng.bit_generator.state
+
+    def close(self) -> None:
+        pass
+
+
+class _Prefetcher:
+    """Prepares step s+1 on one background thread while step s runs (a queue of depth 1).
+
+    Only that thread draws from rng while a preparation is pending, in step order; the
+    main thread reads the rng state only when none is (or the one captured before it).
+    An error in prepare is raised by `take`, in the main thread.
+    """
+
+    prefetches = True
+
+    def __init__(self, prepare, rng: np.random.Generator, device: torch.device, steps: int):
+        self.prepare, self.rng, self.device, self.steps = prepare, rng, device, steps
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+        self.pending: tuple[int, dict, Future] | None = None  # step, rng state before, batch
+
+    def take(self, step: int) -> tuple:
+        """Step's prepared batch (waiting for it), having started on the next one."""
+        if self.pending is None:  # the first step of this run: nothing prepared yet
+            self._submit(step)
+        assert self.pending[0] == step, "steps are taken in order"
+        prepared = self.pending[2].result()
+        self.pending = None
+        if step + 1 < self.steps:  # a time box may still leave it unused
+            self._submit(step + 1)
+        return (prepared,)
+
+    def _submit(self, step: int) -> None:
+        state = self.rng.bit_generator.state  # nothing draws from rng now
+        self.pending = (step, state, self.pool.submit(self.prepare, step, self.rng, self.device))
+
+    def settle(self) -> None:
+        """Wait until the pending preparation is done (kept for its step)."""
+        if self.pending is not None:
+            wait([self.pending[2]])
+
+    def rng_state(self) -> dict:
+        """The state the next unconsumed step draws from: what a checkpoint must hold."""
+        return self.pending[1] if self.pending else self.rng.bit_generator.state
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _feed(step_loss, rng: np.random.Generator, device: torch.device, cfg: TrainConfig):
+    split = callable(getattr(step_loss, "prepare", None)) and callable(
+        getattr(step_loss, "run", None)
+    )
+    wanted = cfg.prefetch if cfg.prefetch is not None else device.type == "cuda"
+    if wanted and split:
+        return _Prefetcher(step_loss.prepare, rng, device, cfg.steps)
+    return _Inline(rng)
+
+
 def _train_step(
-    runner, model, optimizer, rng, step: int, position: float, cfg: TrainConfig
+    runner, model, optimizer, inputs: tuple, step: int, position: float, cfg: TrainConfig
 ) -> dict:
     lr = cfg.lr * lr_factor(position, cfg.steps, cfg.warmup_frac)
     for group in optimizer.param_groups:
         group["lr"] = lr
-    out = runner(step, rng)
+    out = runner(*inputs)
     optimizer.zero_grad(set_to_none=True)
     out["loss"].backward()
     if cfg.clip_norm > 0:
@@ -289,17 +406,21 @@ def _cpu_state(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
 
 
-def _rng_state(rng: np.random.Generator, device: torch.device) -> tuple[dict, dict]:
-    """This rank's generator states: (JSON-able numpy state, torch state tensors)."""
+def _torch_rng_state(device: torch.device) -> dict[str, Tensor]:
+    """This rank's torch generator states."""
     tensors = {"torch_cpu": torch.get_rng_state()}
     if device.type == "cuda":
         tensors["torch_cuda"] = torch.cuda.get_rng_state(device)
-    return rng.bit_generator.state, tensors
+    return tensors
 
 
-def _checkpoint(cfg, model, optimizer, rng, progress: _Progress, rank, world, device) -> None:
-    """Write step_<n>/ on rank 0 (with every rank's generator states), then point at it."""
-    numpy_state, torch_states = _rng_state(rng, device)
+def _checkpoint(
+    cfg, model, optimizer, numpy_state: dict, progress: _Progress, rank, world, device
+) -> None:
+    """Write step_<n>/ on rank 0 (with every rank's generator states), then point at it.
+
+    numpy_state: the rng state the next step draws its batch from."""
+    torch_states = _torch_rng_state(device)
     gathered = [(numpy_state, torch_states)]
     if world > 1:
         gathered = [None] * world

@@ -60,7 +60,7 @@ from service.training.examples import (
     other_sentence,
     pad_regions,
 )
-from service.training.loop import TrainConfig, model_device, train
+from service.training.loop import TrainConfig, model_device, to_device, train
 from service.training.masking import (
     IGNORE_INDEX,
     VocabInfo,
@@ -274,16 +274,31 @@ OBJECTIVES = {
 }
 
 
-def pretrain_step_loss(data: PretrainData, batch_size: int):
-    """The loop's step_loss: sample a masked batch from rng, return the backbone's losses."""
-    loss_fn = PRETRAIN_LOSSES[data.kind]
+class PretrainStep:
+    """The loop's step_loss: sample a masked batch from rng, return the backbone's losses.
 
-    def step_loss(model: nn.Module, step: int, rng: np.random.Generator) -> dict[str, Tensor]:
-        batch, targets = data.sample(rng, batch_size)
-        device = model_device(model)
-        return loss_fn(model, batch.to(device), targets.to(device))
+    Split into `prepare` (sampling and masking draw from rng alone) and `run` for the
+    loop's prefetch."""
 
-    return step_loss
+    def __init__(self, data: PretrainData, batch_size: int):
+        self.data, self.batch_size = data, batch_size
+        self.loss_fn = PRETRAIN_LOSSES[data.kind]
+
+    def prepare(
+        self, step: int, rng: np.random.Generator, device: torch.device
+    ) -> tuple[Batch, PretrainTargets]:
+        return to_device(self.data.sample(rng, self.batch_size), device)
+
+    def run(self, model: nn.Module, prepared: tuple[Batch, PretrainTargets]) -> dict[str, Tensor]:
+        return self.loss_fn(model, *prepared)
+
+    def __call__(self, model: nn.Module, step: int, rng: np.random.Generator) -> dict[str, Tensor]:
+        return self.run(model, self.prepare(step, rng, model_device(model)))
+
+
+def pretrain_step_loss(data: PretrainData, batch_size: int) -> PretrainStep:
+    """The loop's step_loss for `data`'s backbone (see `PretrainStep`)."""
+    return PretrainStep(data, batch_size)
 
 
 # ---- configs ------------------------------------------------------------------------------
