@@ -4,12 +4,15 @@
 #   docker build --build-arg TORCH_INDEX= -t vqa-service:cuda .     # PyPI's default CUDA torch
 #   docker build --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 \
 #                -t vqa-service:cu128 .                             # a chosen CUDA build
+#   docker build --build-arg EXTRAS=ray -t vqa-service:ray .        # with Ray Serve
 #   docker run -p 8000:8000 vqa-service                             # add --gpus all for CUDA
 FROM python:3.11-slim
 
 # Where torch and torchvision come from: the CPU wheels by default; empty takes PyPI's
 # build (CUDA on linux x86_64); any other index URL takes that index's build.
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# Optional extras of pyproject.toml to install too, comma-separated (e.g. "ray").
+ARG EXTRAS=
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -22,8 +25,9 @@ RUN groupadd --gid 10001 vqa && useradd --uid 10001 --gid vqa --create-home vqa 
 
 # Dependencies first, from pyproject.toml alone: this layer is rebuilt only when they change.
 COPY pyproject.toml ./
-RUN python -c "import tomllib; project = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
-print(*project['dependencies'], sep='\n')" > requirements.txt \
+RUN python -c "import os, tomllib; project = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
+extras = [e.strip() for e in os.environ.get('EXTRAS', '').split(',') if e.strip()]; \
+print(*project['dependencies'], *(d for e in extras for d in project['optional-dependencies'][e]), sep='\n')" > requirements.txt \
  && if [ -n "$TORCH_INDEX" ]; then pip install --index-url "$TORCH_INDEX" $(grep -E '^torch(vision)?==' requirements.txt); fi \
  && pip install -r requirements.txt \
  && rm requirements.txt

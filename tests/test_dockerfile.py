@@ -87,7 +87,7 @@ def test_dependencies_install_before_the_code_is_copied(steps):
     assert deps < code < find(steps, "RUN", "pip install --no-deps .")
 
 
-def run_dependency_step(steps, tmp_path: Path, torch_index: str) -> list[str]:
+def run_dependency_step(steps, tmp_path: Path, torch_index: str, extras: str = "") -> list[str]:
     """Run the dependency RUN line in a folder holding pyproject.toml, as docker would, with
     `pip` forwarding to this venv's pip offline and dry; returns the pip calls it made."""
     shim_dir, work = tmp_path / "bin", tmp_path / "app"
@@ -97,12 +97,15 @@ def run_dependency_step(steps, tmp_path: Path, torch_index: str) -> list[str]:
     log = tmp_path / "pip.log"
     shim = shim_dir / "pip"
     shim.write_text(
-        f'#!/bin/sh\necho "$*" >> {log}\nexec {VENV_BIN / "pip"} "$@" --dry-run --no-index -q\n'
+        f'#!/bin/sh\necho "$*" >> {log}\n[ -f requirements.txt ] && cat requirements.txt'
+        f" > {tmp_path / 'requirements.seen'}\n"
+        f'exec {VENV_BIN / "pip"} "$@" --dry-run --no-index -q\n'
     )
     shim.chmod(shim.stat().st_mode | stat.S_IEXEC)
     env = {
         "PATH": f"{shim_dir}:{VENV_BIN}:/usr/bin:/bin",
         "TORCH_INDEX": torch_index,
+        "EXTRAS": extras,
         "HOME": str(tmp_path),
         "PIP_DISABLE_PIP_VERSION_CHECK": "1",
     }
@@ -125,6 +128,22 @@ def test_dependency_step_takes_torch_from_the_chosen_index(steps, tmp_path):
     assert calls == [f"install --index-url {cpu} {' '.join(pins)}", "install -r requirements.txt"]
     # An empty TORCH_INDEX leaves torch to PyPI: its default build, CUDA on linux x86_64.
     assert run_dependency_step(steps, tmp_path / "cuda", "") == ["install -r requirements.txt"]
+
+
+def test_extras_add_their_optional_dependencies(steps, tmp_path):
+    """--build-arg EXTRAS=ray installs Ray Serve beside the service; no extras by default."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert arg_default(steps, "EXTRAS") == ""
+    ray = project["optional-dependencies"]["ray"]
+    assert run_dependency_step(steps, tmp_path / "ray", "", extras="ray") == [
+        "install -r requirements.txt"
+    ]
+    wanted = (tmp_path / "ray" / "requirements.seen").read_text().splitlines()
+    assert wanted == project["dependencies"] + ray
+    run_dependency_step(steps, tmp_path / "plain", "")
+    assert (tmp_path / "plain" / "requirements.seen").read_text().splitlines() == (
+        project["dependencies"]
+    )
 
 
 def test_cmd_is_the_console_script_serving_on_8000(steps):
