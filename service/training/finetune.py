@@ -100,6 +100,12 @@ def info_nce(text: Tensor, image: Tensor, same: Tensor, temperature: float) -> T
     return (F.cross_entropy(sim, target) + F.cross_entropy(sim.T, target)) / 2
 
 
+def pair_rank_loss(logits: Tensor, pairs: Tensor) -> Tensor:
+    """-log sigmoid(true - false), averaged over (true row, false row) pairs (K, 2): the
+    two captions differ in one thing, so only that thing can move the gap."""
+    return F.softplus(logits[pairs[:, 1]] - logits[pairs[:, 0]]).mean()
+
+
 def grounding_loss(logits: Tensor, good: Tensor) -> Tensor:
     """-log sum of softmax(logits) over the good regions, averaged: logits, good (B, R)."""
     logits = logits.float()
@@ -132,6 +138,7 @@ class AlignBatch:
     labels: Tensor  # (P,) 1 = matched
     images: Batch  # each image with its complete caption, for InfoNCE
     same: Tensor  # (B, B) bool, identical complete captions
+    rank_pairs: Tensor  # (K, 2) rows of `pairs`: a complete caption, a false one made from it
 
 
 @dataclass
@@ -196,10 +203,12 @@ class AlignObjective(Objective):
         hard_frac: float,
         max_length: int = MAX_TEXT_TOKENS,
         hard_kinds: dict[str, float] | None = None,
+        rank_weight: float = 0.0,
     ):
         self.source, self.tokenizer, self.max_length = source, tokenizer, max_length
         self.complete_frac, self.hard_frac = complete_frac, hard_frac
         self.hard_kinds = hard_kinds or None
+        self.rank_weight = rank_weight
         self.images = [i for i in range(len(source)) if source.captions(i)]
         if len(self.images) < 2:
             raise ValueError("matching needs at least two images with captions")
@@ -215,12 +224,12 @@ class AlignObjective(Objective):
             )
         return pick_hard_negative(self._hard[i], rng, self.hard_kinds)
 
-    def negative(self, i: int, rng: np.random.Generator) -> str | None:
+    def negative(self, i: int, rng: np.random.Generator):
+        """A false caption of image i (a `Negative`: hard or random), or None."""
         first, second = (self.hard, self.random)
         if rng.random() >= self.hard_frac:
             first, second = second, first
-        neg = first(i, rng) or second(i, rng)
-        return neg.text if neg else None
+        return first(i, rng) or second(i, rng)
 
     def random(self, i: int, rng: np.random.Generator):
         return random_negative(self.source.objects(i), self.pool, rng)
@@ -234,13 +243,15 @@ class AlignObjective(Objective):
     def prepare(self, rng: np.random.Generator, n: int, device: torch.device) -> AlignBatch:
         picks = rng.choice(self.images, size=min(n, len(self.images)), replace=False)
         regions = [self.source.region_set(int(i)) for i in picks]
-        texts, pair_regions, labels = [], [], []
+        texts, pair_regions, labels, rank_pairs = [], [], [], []
         for i, rs in zip(picks, regions, strict=True):
             texts.append(self.positive(int(i), rng))
             pair_regions.append(rs)
             labels.append(1.0)
             if (neg := self.negative(int(i), rng)) is not None:
-                texts.append(neg)
+                if neg.kind != "random" and texts[-1] == self.source.captions(int(i))[0]:
+                    rank_pairs.append((len(texts) - 1, len(texts)))  # differ in one thing
+                texts.append(neg.text)
                 pair_regions.append(rs)
                 labels.append(0.0)
         complete = [self.source.captions(int(i))[0] for i in picks]
@@ -249,18 +260,23 @@ class AlignObjective(Objective):
             labels=torch.tensor(labels),
             images=collate(complete, regions, self.tokenizer, self.max_length),
             same=torch.tensor([[a == c for c in complete] for a in complete]),
+            rank_pairs=torch.tensor(rank_pairs, dtype=torch.long).reshape(-1, 2),
         )
         return to_device(prepared, device)
 
     def loss(self, model: nn.Module, prepared: AlignBatch) -> dict[str, Tensor]:
-        match = F.binary_cross_entropy_with_logits(
-            model.match(prepared.pairs).float(), prepared.labels
-        )
+        logits = model.match(prepared.pairs).float()  # (P,)
+        match = F.binary_cross_entropy_with_logits(logits, prepared.labels)
         b = prepared.images
         text = model.embed_text(b.input_ids, b.attention_mask)
         image = model.embed_image(b.region_features, b.region_boxes, b.region_mask)
         nce = info_nce(text, image, prepared.same, NCE_TEMPERATURE)
-        return {"loss": match + nce, "match": match.detach(), "nce": nce.detach()}
+        out = {"loss": match + nce, "match": match.detach(), "nce": nce.detach()}
+        if self.rank_weight > 0 and len(prepared.rank_pairs):
+            rank = pair_rank_loss(logits, prepared.rank_pairs)
+            out["loss"] = out["loss"] + self.rank_weight * rank
+            out["rank"] = rank.detach()
+        return out
 
 
 class GroundObjective(Objective):
@@ -502,7 +518,7 @@ def run_finetune(
         else:
             complete, hard = ALIGN_MIX[name]
             objectives[name] = AlignObjective(
-                train_source, tokenizer, complete, hard, max_length, mix.hard_kinds
+                train_source, tokenizer, complete, hard, max_length, mix.hard_kinds, mix.align_rank
             )
     detector = _detector(detector_ref, init_manifest, sources)
 

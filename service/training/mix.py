@@ -8,10 +8,13 @@ shifts the training signal toward weak spots without changing the data, e.g.
     {"objectives": {"vqa": 2, "match": 2, "grounding": 1},
      "vqa_sources": {"shapes": 4, "easy-vqa": 1},
      "vqa_families": {"count": 3, "relation": 3},
-     "hard_kinds": {"relation": 3, "color": 2, "size": 2}}
+     "hard_kinds": {"relation": 3, "color": 2, "size": 2},
+     "align_rank": 1.0}
 
 Objective weights are whole numbers of steps per cycle; the other weights are relative
-(names left out weigh 1). Every mix is recorded in the entry's manifest.
+(names left out weigh 1). `align_rank` weighs a ranking loss that sets each complete
+caption against the false caption made from it, on the same image (0: off). Every mix is
+recorded in the entry's manifest.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-MIX_FIELDS = ("objectives", "vqa_sources", "vqa_families", "hard_kinds")
+WEIGHT_FIELDS = ("objectives", "vqa_sources", "vqa_families", "hard_kinds")
+MIX_FIELDS = (*WEIGHT_FIELDS, "align_rank")
 
 
 @dataclass(frozen=True)
@@ -32,9 +36,12 @@ class Mix:
     vqa_sources: dict[str, float] = field(default_factory=dict)
     vqa_families: dict[str, float] = field(default_factory=dict)
     hard_kinds: dict[str, float] = field(default_factory=dict)
+    align_rank: float = 0.0
 
     def __post_init__(self):
-        for name in MIX_FIELDS:
+        if not isinstance(self.align_rank, int | float) or self.align_rank < 0:
+            raise ValueError(f"mix align_rank must be a weight >= 0, not {self.align_rank!r}")
+        for name in WEIGHT_FIELDS:
             for key, w in getattr(self, name).items():
                 if not isinstance(w, int | float) or w < 0:
                     raise ValueError(f"mix {name}[{key!r}] must be a weight >= 0, not {w!r}")

@@ -32,6 +32,7 @@ from service.training.finetune import (
     AlignObjective,
     grounding_loss,
     info_nce,
+    pair_rank_loss,
     run_finetune,
     vqa_loss,
 )
@@ -128,11 +129,35 @@ def test_align_objective_pairs_true_captions_with_false_ones(tmp_path):
             objects, own = source.objects(i), source.captions(i)
             assert caption_holds(objective.positive(i, rng), objects)
             negative = objective.negative(i, rng)
-            assert not caption_holds(negative, objects)
+            assert not caption_holds(negative.text, objects)
             if hard_frac == 1.0:  # a one-change variant of the complete caption
-                assert negative in {n.text for n in hard_negatives(own[0], objects)}
+                assert negative in hard_negatives(own[0], objects)
             else:  # another image's caption
-                assert negative in others and negative not in own
+                assert negative.kind == "random"
+                assert negative.text in others and negative.text not in own
+
+
+def test_rank_pairs_set_a_complete_caption_against_its_own_hard_negative(tmp_path):
+    data, features = write_tiny_split(tmp_path, "train", n=24)
+    source = PairSource.load(data, features, "train")
+    tok = load_tokenizer()
+    objective = AlignObjective(source, tok, 0.5, 0.5, rank_weight=1.0)
+    prepared = objective.prepare(np.random.default_rng(0), 24, torch.device("cpu"))
+    pairs = prepared.rank_pairs.tolist()
+    assert 0 < len(pairs) < 24  # half the positives are other captions, half the negatives random
+    ids = prepared.pairs.input_ids
+    for true, false in pairs:
+        assert prepared.labels[true] == 1 and prepared.labels[false] == 0
+        t, f = (tok.decode(ids[r], skip_special_tokens=True) for r in (true, false))
+        changed = [a != b for a, b in zip(t.split(), f.split(), strict=False)]
+        assert 1 <= sum(changed) <= 2 or len(t.split()) != len(f.split()), (t, f)
+
+
+def test_pair_rank_loss_is_the_log_loss_of_the_gap():
+    logits = torch.tensor([2.0, -1.0, 0.5, 0.5])
+    pairs = torch.tensor([[0, 1], [2, 3]])
+    expected = (F.softplus(torch.tensor(-3.0)) + F.softplus(torch.tensor(0.0))) / 2
+    assert torch.isclose(pair_rank_loss(logits, pairs), expected)
 
 
 # ---- tiny runs ----------------------------------------------------------------------------

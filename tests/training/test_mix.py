@@ -32,6 +32,7 @@ def test_cycle_interleaves_objectives_by_weight():
         ({"objectives": {"vqa": 1.5}}, "whole number"),
         ({"vqa_families": {"count": -1}}, "weight >= 0"),
         ({"hard_kind": {}}, "unknown mix fields"),
+        ({"align_rank": -0.5}, "align_rank must be a weight >= 0"),
     ],
 )
 def test_bad_mixes_are_refused(spec, message):
@@ -99,7 +100,11 @@ def test_vqa_objective_weights_follow_each_questions_family(tmp_path):
 
 def test_finetune_follows_the_mix_and_records_it(tmp_path):
     data, features = write_tiny_split(tmp_path, "train", n=16)
-    mix = {"objectives": {"vqa": 2, "match": 2, "grounding": 1}, "hard_kinds": {"relation": 2}}
+    mix = {
+        "objectives": {"vqa": 2, "match": 2, "grounding": 1},
+        "hard_kinds": {"relation": 2},
+        "align_rank": 1.0,
+    }
     m = run_finetune(
         "all",
         "none",
@@ -118,4 +123,5 @@ def test_finetune_follows_the_mix_and_records_it(tmp_path):
     steps = [h for h in history if h["kind"] == "train"]
     objective = ["vqa" if "vqa" in h else "match" if "match" in h else "ground" for h in steps]
     assert objective == ["vqa", "match", "ground", "vqa", "match"] * 2
+    assert any("rank" in h for h in steps if "match" in h)  # the ranking term ran
     assert m.data["mix"] == {**Mix().to_dict(), **mix}
