@@ -26,16 +26,10 @@ import numpy as np
 import torch
 
 from bench.common import loadavg, machine
-from service.data.language import ANSWERS
 from service.data.tokenizer import load_tokenizer
 from service.models.backbone import build_backbone
 from service.training.examples import PairSource
-from service.training.finetune import (
-    AlignObjective,
-    GroundObjective,
-    VqaObjective,
-    make_step_loss,
-)
+from service.training.finetune import make_objectives, make_step_loss
 from service.training.loop import TrainConfig, train
 from tests.training.pretrain_support import tiny_overrides, write_tiny_split
 
@@ -52,13 +46,7 @@ def model_config(hidden: int) -> dict:
 
 
 def step_loss(source: PairSource, batch_size: int):
-    tok = load_tokenizer()
-    objectives = {
-        "vqa": VqaObjective([source], ANSWERS, tok),
-        "match": AlignObjective(source, tok, complete_frac=0.5, hard_frac=0.5),
-        "grounding": GroundObjective(source, tok),
-    }
-    return make_step_loss(objectives, batch_size)
+    return make_step_loss(make_objectives("all", source, load_tokenizer()), batch_size)
 
 
 def time_training(config: dict, loss, args, prefetch: bool, steps: int) -> float:

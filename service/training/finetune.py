@@ -333,6 +333,31 @@ class RoundRobin:
         return self.run(model, self.prepare(step, rng, model_device(model)))
 
 
+def make_objectives(
+    task: str,
+    source: PairSource,
+    tokenizer,
+    vqa_sources: list[PairSource] | None = None,
+    mix: Mix | None = None,
+    max_length: int = MAX_TEXT_TOKENS,
+) -> dict[str, Objective]:
+    """The objectives `task` trains, by name (ROUND_ROBIN's for "all"), over `source`;
+    VQA over `vqa_sources` (default: [source])."""
+    mix = mix or Mix()
+    out: dict[str, Objective] = {}
+    for name in ROUND_ROBIN if task == "all" else (task,):
+        if name == "vqa":
+            out[name] = VqaObjective(vqa_sources or [source], ANSWERS, tokenizer, max_length, mix)
+        elif name == "grounding":
+            out[name] = GroundObjective(source, tokenizer, max_length)
+        else:
+            complete, hard = ALIGN_MIX[name]
+            out[name] = AlignObjective(
+                source, tokenizer, complete, hard, max_length, mix.hard_kinds, mix.align_rank
+            )
+    return out
+
+
 def make_step_loss(objectives: dict, batch_size: int, mix: Mix | None = None) -> RoundRobin:
     """The loop's step_loss over `objectives` (see `RoundRobin`)."""
     return RoundRobin(objectives, batch_size, mix)
@@ -501,25 +526,16 @@ def run_finetune(
         store, init, backbone, train_source, dict(config_overrides or {})
     )
     tokenizer = load_tokenizer()
-    objectives_wanted = ROUND_ROBIN if task == "all" else (task,)
     sources = [train_source]
-    objectives = {}
-    for name in objectives_wanted:
-        if name == "vqa":
-            vqa_sources = [_fraction(train_source, label_fraction, rng)]
-            if include_easyvqa:
-                vqa_sources.append(
-                    _fraction(easyvqa_source(features_dir, "train"), label_fraction, rng)
-                )
-            sources += vqa_sources[1:]
-            objectives[name] = VqaObjective(vqa_sources, ANSWERS, tokenizer, max_length, mix)
-        elif name == "grounding":
-            objectives[name] = GroundObjective(train_source, tokenizer, max_length)
-        else:
-            complete, hard = ALIGN_MIX[name]
-            objectives[name] = AlignObjective(
-                train_source, tokenizer, complete, hard, max_length, mix.hard_kinds, mix.align_rank
+    vqa_sources = None
+    if task in ("vqa", "all"):
+        vqa_sources = [_fraction(train_source, label_fraction, rng)]
+        if include_easyvqa:
+            vqa_sources.append(
+                _fraction(easyvqa_source(features_dir, "train"), label_fraction, rng)
             )
+        sources += vqa_sources[1:]
+    objectives = make_objectives(task, train_source, tokenizer, vqa_sources, mix, max_length)
     detector = _detector(detector_ref, init_manifest, sources)
 
     evaluate = None

@@ -9,16 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from service.data.language import ANSWERS
 from service.data.tokenizer import load_tokenizer
 from service.models.backbone import build_backbone
 from service.training.examples import PairSource
-from service.training.finetune import (
-    AlignObjective,
-    GroundObjective,
-    VqaObjective,
-    make_step_loss,
-)
+from service.training.finetune import make_objectives, make_step_loss
 from service.training.loop import TrainConfig, train
 from service.training.pretrain import PretrainData, build_pretrain_model, pretrain_step_loss
 from tests.training.pretrain_support import tiny_overrides, write_tiny_split
@@ -159,12 +153,7 @@ def source(tmp_path_factory) -> PairSource:
 
 
 def _finetune_all_run(source: PairSource, prefetch: bool):
-    tok = load_tokenizer()
-    objectives = {
-        "vqa": VqaObjective([source], ANSWERS, tok),
-        "match": AlignObjective(source, tok, complete_frac=0.5, hard_frac=0.5),
-        "grounding": GroundObjective(source, tok),
-    }
+    objectives = make_objectives("all", source, load_tokenizer())
     config = {**tiny_overrides("vilbert"), "hidden_dropout_prob": 0.1}  # torch draws too
     torch.manual_seed(0)
     model = build_backbone("vilbert", config)
