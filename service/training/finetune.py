@@ -352,6 +352,8 @@ def make_objectives(
             out[name] = GroundObjective(source, tokenizer, max_length)
         else:
             complete, hard = ALIGN_MIX[name]
+            complete = complete if mix.complete_share is None else mix.complete_share
+            hard = hard if mix.hard_share is None else mix.hard_share
             out[name] = AlignObjective(
                 source, tokenizer, complete, hard, max_length, mix.hard_kinds, mix.align_rank
             )

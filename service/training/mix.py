@@ -9,12 +9,15 @@ shifts the training signal toward weak spots without changing the data, e.g.
      "vqa_sources": {"shapes": 4, "easy-vqa": 1},
      "vqa_families": {"count": 3, "relation": 3},
      "hard_kinds": {"relation": 3, "color": 2, "size": 2},
-     "align_rank": 1.0}
+     "align_rank": 1.0, "hard_share": 0.75}
 
 Objective weights are whole numbers of steps per cycle; the other weights are relative
 (names left out weigh 1). `align_rank` weighs a ranking loss that sets each complete
-caption against the false caption made from it, on the same image (0: off). Every mix is
-recorded in the entry's manifest.
+caption against the false caption made from it, on the same image (0: off).
+`complete_share` (of true captions, the complete one rather than a partial one) and
+`hard_share` (of false captions, a one-change twin rather than another image's caption)
+override the alignment objectives' defaults (finetune.ALIGN_MIX). Every mix is recorded in
+the entry's manifest.
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ from pathlib import Path
 import numpy as np
 
 WEIGHT_FIELDS = ("objectives", "vqa_sources", "vqa_families", "hard_kinds")
-MIX_FIELDS = (*WEIGHT_FIELDS, "align_rank")
+SHARE_FIELDS = ("complete_share", "hard_share")
+MIX_FIELDS = (*WEIGHT_FIELDS, "align_rank", *SHARE_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -37,8 +41,14 @@ class Mix:
     vqa_families: dict[str, float] = field(default_factory=dict)
     hard_kinds: dict[str, float] = field(default_factory=dict)
     align_rank: float = 0.0
+    complete_share: float | None = None  # None: the objective's default
+    hard_share: float | None = None
 
     def __post_init__(self):
+        for name in SHARE_FIELDS:
+            share = getattr(self, name)
+            if share is not None and (not isinstance(share, int | float) or not 0 <= share <= 1):
+                raise ValueError(f"mix {name} must be a fraction in [0, 1], not {share!r}")
         if not isinstance(self.align_rank, int | float) or self.align_rank < 0:
             raise ValueError(f"mix align_rank must be a weight >= 0, not {self.align_rank!r}")
         for name in WEIGHT_FIELDS:

@@ -11,7 +11,7 @@ import pytest
 from service.data.language import ANSWERS
 from service.data.tokenizer import load_tokenizer
 from service.training.examples import PairSource
-from service.training.finetune import VqaObjective, run_finetune
+from service.training.finetune import ALIGN_MIX, VqaObjective, make_objectives, run_finetune
 from service.training.mix import Mix, item_weights, weighted_choice
 from service.training.negatives import Negative, pick_hard_negative
 from tests.training.pretrain_support import tiny_overrides, write_tiny_split
@@ -33,6 +33,8 @@ def test_cycle_interleaves_objectives_by_weight():
         ({"vqa_families": {"count": -1}}, "weight >= 0"),
         ({"hard_kind": {}}, "unknown mix fields"),
         ({"align_rank": -0.5}, "align_rank must be a weight >= 0"),
+        ({"hard_share": 1.5}, "hard_share must be a fraction"),
+        ({"complete_share": "most"}, "complete_share must be a fraction"),
     ],
 )
 def test_bad_mixes_are_refused(spec, message):
@@ -85,6 +87,17 @@ def test_hard_kind_weights_shift_the_draw_and_zero_leaves_a_kind_out():
     drawn = Counter(pick_hard_negative(groups, rng, {"color": 0}).kind for _ in range(500))
     assert set(drawn) == {"relation", "size"}
     assert pick_hard_negative({"relation": groups["relation"]}, rng, {"relation": 0}) is None
+
+
+def test_shares_override_the_alignment_defaults_and_none_keeps_them(tmp_path):
+    data, features = write_tiny_split(tmp_path, "train", n=16)
+    source = PairSource.load(data, features, "train")
+    tok = load_tokenizer()
+    match = make_objectives("match", source, tok, mix=Mix(hard_share=0.9, complete_share=0.8))
+    assert (match["match"].complete_frac, match["match"].hard_frac) == (0.8, 0.9)
+    plain = make_objectives("retrieval", source, tok, mix=Mix(complete_share=0.3))
+    assert plain["retrieval"].complete_frac == 0.3
+    assert plain["retrieval"].hard_frac == ALIGN_MIX["retrieval"][1]
 
 
 def test_vqa_objective_weights_follow_each_questions_family(tmp_path):
