@@ -149,7 +149,7 @@ class GroundBatch:
 
 class VqaObjective(Objective):
     """Questions of one or more PairSources: uniformly over all questions, or weighted by
-    source and family (`Mix.vqa_sources`, `Mix.vqa_families`)."""
+    source, family and gold answer (`Mix.vqa_sources`, `vqa_families`, `vqa_answers`)."""
 
     def __init__(
         self,
@@ -170,11 +170,13 @@ class VqaObjective(Objective):
         if not self.items:
             raise ValueError("no questions to fine-tune VQA on")
         mix = mix or Mix()
-        labels = [
-            (sources[s].records[i].get("source", ""), sources[s].questions(i)[k].get("family", ""))
-            for s, i, k in self.items
-        ]
-        self.weights = item_weights(labels, mix.vqa_sources, mix.vqa_families)
+        labels = []  # (source, family, answer) of each question
+        for s, i, k in self.items:
+            q = sources[s].questions(i)[k]
+            labels.append(
+                (sources[s].records[i].get("source", ""), q.get("family", ""), q["answer"])
+            )
+        self.weights = item_weights(labels, mix.vqa_sources, mix.vqa_families, mix.vqa_answers)
 
     def prepare(self, rng: np.random.Generator, n: int, device: torch.device) -> VqaBatch:
         texts, regions, targets = [], [], []

@@ -8,6 +8,7 @@ shifts the training signal toward weak spots without changing the data, e.g.
     {"objectives": {"vqa": 2, "match": 2, "grounding": 1},
      "vqa_sources": {"shapes": 4, "easy-vqa": 1},
      "vqa_families": {"count": 3, "relation": 3},
+     "vqa_answers": {"4": 2, "5": 3},
      "hard_kinds": {"relation": 3, "color": 2, "size": 2},
      "align_rank": 1.0, "hard_share": 0.75}
 
@@ -29,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-WEIGHT_FIELDS = ("objectives", "vqa_sources", "vqa_families", "hard_kinds")
+WEIGHT_FIELDS = ("objectives", "vqa_sources", "vqa_families", "vqa_answers", "hard_kinds")
 SHARE_FIELDS = ("complete_share", "hard_share")
 MIX_FIELDS = (*WEIGHT_FIELDS, "align_rank", *SHARE_FIELDS)
 
@@ -39,6 +40,7 @@ class Mix:
     objectives: dict[str, int] = field(default_factory=dict)
     vqa_sources: dict[str, float] = field(default_factory=dict)
     vqa_families: dict[str, float] = field(default_factory=dict)
+    vqa_answers: dict[str, float] = field(default_factory=dict)  # by gold answer, e.g. "5"
     hard_kinds: dict[str, float] = field(default_factory=dict)
     align_rank: float = 0.0
     complete_share: float | None = None  # None: the objective's default
@@ -96,22 +98,29 @@ def weighted_choice(
 
 
 def item_weights(
-    groups: Sequence[tuple[str, str]], by_group: dict[str, float], by_family: dict[str, float]
+    labels: Sequence[tuple[str, str, str]],
+    by_group: dict[str, float],
+    by_family: dict[str, float],
+    by_answer: dict[str, float] | None = None,
 ) -> np.ndarray | None:
-    """Per-item sampling weights for items labelled (group, family).
+    """Per-item sampling weights for items labelled (group, family, answer).
 
     Groups are the records' sources ("shapes", "easy-vqa"). With `by_group`, a group's
     total weight is its weight (default 1) spread over its items, so {"shapes": 4,
     "easy-vqa": 1} means four of five draws from shapes whatever the sizes; without it,
-    groups weigh as many as their items. `by_family` scales each family's items. None when
-    both are empty: uniform over items, the plain draw.
+    groups weigh as many as their items. `by_family` and `by_answer` scale each family's
+    and each gold answer's items (rare answers, e.g. counts above 3, can be drawn more).
+    None when all are empty: uniform over items, the plain draw.
     """
-    if not by_group and not by_family:
+    by_answer = by_answer or {}
+    if not by_group and not by_family and not by_answer:
         return None
-    labels = np.array([g for g, _ in groups])
-    w = np.array([by_family.get(f, 1.0) for _, f in groups], dtype=np.float64)
-    for g in set(labels.tolist()) if by_group else ():
-        sel = labels == g
+    groups = np.array([g for g, _, _ in labels])
+    w = np.array(
+        [by_family.get(f, 1.0) * by_answer.get(a, 1.0) for _, f, a in labels], dtype=np.float64
+    )
+    for g in set(groups.tolist()) if by_group else ():
+        sel = groups == g
         total = w[sel].sum()
         if total > 0:
             w[sel] *= by_group.get(g, 1.0) / total

@@ -61,11 +61,13 @@ def test_parse_reads_dicts_json_text_and_files(tmp_path):
 def test_source_weights_set_the_share_of_draws_whatever_the_sizes():
     # 900 shapes questions, 100 easy-VQA ones: 4:1 by weight instead of 9:1 by size
     labels = (
-        [("shapes", "count")] * 300 + [("shapes", "color")] * 600 + [("easy-vqa", "color")] * 100
+        [("shapes", "count", "2")] * 300
+        + [("shapes", "color", "red")] * 600
+        + [("easy-vqa", "color", "red")] * 100
     )
     w = item_weights(labels, {"shapes": 4, "easy-vqa": 1}, {"count": 2})
     picks = weighted_choice(w, np.random.default_rng(0), 20_000, len(labels))
-    drawn = Counter(labels[int(j)] for j in picks)
+    drawn = Counter(labels[int(j)][:2] for j in picks)
     n = sum(drawn.values())
     assert abs((drawn[("easy-vqa", "color")] / n) - 0.2) < 0.01
     # within shapes, count weighs 2 per question: 600 : 600 of the shapes share
@@ -74,6 +76,14 @@ def test_source_weights_set_the_share_of_draws_whatever_the_sizes():
     w = item_weights(labels, {}, {"count": 0})
     assert w[:300].sum() == 0 and np.allclose(w[300:], 1.0)
     assert item_weights(labels, {}, {}) is None
+
+
+def test_answer_weights_scale_the_questions_with_that_gold_answer():
+    labels = [("shapes", "count", "1")] * 90 + [("shapes", "count", "5")] * 10
+    w = item_weights(labels, {}, {"count": 2}, {"5": 9})
+    assert np.allclose(w[:90], 2.0) and np.allclose(w[90:], 18.0)  # family x answer
+    picks = weighted_choice(w, np.random.default_rng(0), 20_000, len(labels))
+    assert abs(np.mean(picks >= 90) - 0.5) < 0.01  # 10 questions x 9 = 90 x 1: half the draws
 
 
 def test_hard_kind_weights_shift_the_draw_and_zero_leaves_a_kind_out():
@@ -100,15 +110,17 @@ def test_shares_override_the_alignment_defaults_and_none_keeps_them(tmp_path):
     assert plain["retrieval"].hard_frac == ALIGN_MIX["retrieval"][1]
 
 
-def test_vqa_objective_weights_follow_each_questions_family(tmp_path):
+def test_vqa_objective_weights_follow_each_questions_family_and_answer(tmp_path):
     data, features = write_tiny_split(tmp_path, "train", n=16)
     source = PairSource.load(data, features, "train")
-    mix = Mix(vqa_families={"count": 0, "relation": 5})
+    mix = Mix(vqa_families={"count": 0, "relation": 5}, vqa_answers={"yes": 3})
     objective = VqaObjective([source], ANSWERS, load_tokenizer(), mix=mix)
-    families = [source.questions(i)[k]["family"] for _, i, k in objective.items]
+    questions = [source.questions(i)[k] for _, i, k in objective.items]
+    families = [q["family"] for q in questions]
     assert "count" in families and "relation" in families
-    for family, w in zip(families, objective.weights, strict=True):
-        assert w == {"count": 0.0, "relation": 5.0}.get(family, 1.0)
+    for q, w in zip(questions, objective.weights, strict=True):
+        expected = {"count": 0.0, "relation": 5.0}.get(q["family"], 1.0)
+        assert w == expected * (3.0 if q["answer"] == "yes" else 1.0)
 
 
 def test_finetune_follows_the_mix_and_records_it(tmp_path):
