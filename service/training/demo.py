@@ -4,6 +4,11 @@ data -> detector -> detector eval -> region features -> for each backbone: pretr
 fine-tune (all tasks) -> eval. Each finished stage is recorded in <work>/demo_state.json
 and skipped on the next run, and the long stages checkpoint inside <work>/checkpoints,
 so an interrupted run resumed with the same command picks up where it stopped.
+
+The default recipe is a 90-minute budget on a 2-core CPU: the stages before the backbones
+run to the end, then each backbone's pretraining and fine-tuning get a time box cut from
+what the budget has left (`time_box`), so the whole chain ends near the budget whatever
+the machine's speed. A stage interrupted and resumed gets a fresh box.
 """
 
 from __future__ import annotations
@@ -41,6 +46,17 @@ class DemoRecipe:
     # time boxes in seconds (absent or 0: run every step), e.g. to fit a GPU lease
     pretrain_seconds: dict[str, float] = field(default_factory=dict)
     finetune_seconds: dict[str, float] = field(default_factory=dict)
+    # the whole chain's wall-clock budget (0: none): see `time_box`
+    budget_minutes: float = 90.0
+    budget_shares: dict[str, float] = field(
+        default_factory=lambda: {
+            "vilbert_pretrain": 3,
+            "vilbert_finetune": 4,
+            "lxmert_pretrain": 2,
+            "lxmert_finetune": 2,
+        }
+    )
+    eval_minutes: float = 5.0  # kept back for each backbone's evaluation still to run
     # what fine-tuning draws how often (service.training.mix.Mix fields; empty: uniform)
     finetune_mix: dict = field(default_factory=dict)
     batch_size: int = 32
@@ -63,6 +79,32 @@ class DemoRecipe:
         if "backbones" in fields:
             fields["backbones"] = tuple(fields["backbones"])
         return cls(**fields)
+
+
+MIN_TIME_BOX = 60.0  # seconds a training stage gets even when the budget is spent
+
+
+def time_box(recipe: DemoRecipe, done: dict[str, dict], stage: str) -> float:
+    """Seconds for a backbone's training stage ("<kind>_pretrain" or "<kind>_finetune").
+
+    Under a budget, the stage gets its share (`budget_shares`) of what is left: the budget
+    less the seconds of the stages done and `eval_minutes` for each evaluation still to
+    run, split over the training stages not yet done; at least MIN_TIME_BOX. The
+    recipe's own box for the stage, when set, caps it. 0: no box (every step runs).
+    """
+    kind, phase = stage.split("_")
+    own = getattr(recipe, f"{phase}_seconds").get(kind, 0)
+    if recipe.budget_minutes <= 0:
+        return own
+    stages = [f"{k}_{p}" for k in recipe.backbones for p in ("pretrain", "finetune")]
+    pending = [s for s in stages if s not in done]
+    evals = sum(f"{k}_eval" not in done for k in recipe.backbones)
+    spent = sum(v.get("seconds", 0.0) for v in done.values())
+    left = recipe.budget_minutes * 60 - spent - evals * recipe.eval_minutes * 60
+    weights = {s: recipe.budget_shares.get(s, 1.0) for s in pending}
+    share = weights[stage] / sum(weights.values()) if sum(weights.values()) > 0 else 0.0
+    allotted = max(left * share, MIN_TIME_BOX)
+    return min(allotted, own) if own > 0 else allotted
 
 
 class DemoState:
@@ -159,60 +201,63 @@ def run_demo(
         _backbone_stages(
             kind, det, recipe, state, store, data, features, ckpt, device, command, log
         )
+    minutes = sum(v.get("seconds", 0.0) for v in state.done.values()) / 60
+    budget = f" of a {recipe.budget_minutes:g}-minute budget" if recipe.budget_minutes > 0 else ""
+    log(f"[demo] the chain's stages took {minutes:.1f} min{budget}")
     return state.done
 
 
 def _backbone_stages(
     kind, det, recipe, state, store, data, features, ckpt, device, command, log
 ) -> None:
-    pre = state.run(
-        f"{kind}_pretrain",
-        lambda: {
-            "ref": run_pretrain(
-                kind,
-                features,
-                data,
-                store.root,
-                detector_ref=det,
-                out_name=f"shapes-{kind}-pretrained",
-                config_overrides=recipe.backbone_overrides,
-                steps=recipe.pretrain_steps[kind],
-                batch_size=recipe.batch_size,
-                lr=recipe.pretrain_lr[kind],
-                max_seconds=recipe.pretrain_seconds.get(kind, 0),
-                seed=recipe.seed,
-                checkpoint_dir=str(ckpt / f"{kind}_pretrain"),
-                device=device,
-                command=f"{command} (pretrain {kind})",
-            ).ref
-        },
-        log,
-    )["ref"]
-    fine = state.run(
-        f"{kind}_finetune",
-        lambda: {
-            "ref": run_finetune(
-                "all",
-                pre,
-                features_dir=features,
-                data_dir=data,
-                store_root=store.root,
-                detector_ref=det,
-                out_name=f"shapes-{kind}",
-                steps=recipe.finetune_steps[kind],
-                batch_size=recipe.batch_size,
-                lr=recipe.finetune_lr[kind],
-                max_seconds=recipe.finetune_seconds.get(kind, 0),
-                seed=recipe.seed,
-                include_easyvqa=recipe.include_easyvqa,
-                mix=recipe.finetune_mix,
-                checkpoint_dir=str(ckpt / f"{kind}_finetune"),
-                device=device,
-                command=f"{command} (finetune {kind})",
-            ).ref
-        },
-        log,
-    )["ref"]
+    def pretrain() -> dict:
+        box = time_box(recipe, state.done, f"{kind}_pretrain")
+        log(f"[demo] {kind}_pretrain: time box {box:.0f} s")
+        ref = run_pretrain(
+            kind,
+            features,
+            data,
+            store.root,
+            detector_ref=det,
+            out_name=f"shapes-{kind}-pretrained",
+            config_overrides=recipe.backbone_overrides,
+            steps=recipe.pretrain_steps[kind],
+            batch_size=recipe.batch_size,
+            lr=recipe.pretrain_lr[kind],
+            max_seconds=box,
+            seed=recipe.seed,
+            checkpoint_dir=str(ckpt / f"{kind}_pretrain"),
+            device=device,
+            command=f"{command} (pretrain {kind})",
+        ).ref
+        return {"ref": ref, "time_box": box}
+
+    def finetune() -> dict:
+        box = time_box(recipe, state.done, f"{kind}_finetune")
+        log(f"[demo] {kind}_finetune: time box {box:.0f} s")
+        ref = run_finetune(
+            "all",
+            pre,
+            features_dir=features,
+            data_dir=data,
+            store_root=store.root,
+            detector_ref=det,
+            out_name=f"shapes-{kind}",
+            steps=recipe.finetune_steps[kind],
+            batch_size=recipe.batch_size,
+            lr=recipe.finetune_lr[kind],
+            max_seconds=box,
+            seed=recipe.seed,
+            include_easyvqa=recipe.include_easyvqa,
+            mix=recipe.finetune_mix,
+            checkpoint_dir=str(ckpt / f"{kind}_finetune"),
+            device=device,
+            command=f"{command} (finetune {kind})",
+        ).ref
+        return {"ref": ref, "time_box": box}
+
+    pre = state.run(f"{kind}_pretrain", pretrain, log)["ref"]
+    fine = state.run(f"{kind}_finetune", finetune, log)["ref"]
     state.run(
         f"{kind}_eval",
         lambda: run_eval(

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from service.store import ModelStore
-from service.training.demo import DemoRecipe, run_demo
+from service.training.demo import MIN_TIME_BOX, DemoRecipe, run_demo, time_box
 
 TINY_LXMERT = dict(
     hidden_size=32,
@@ -51,12 +51,14 @@ def test_demo_chain_produces_served_models_and_resumes(tmp_path):
     assert served.detector == state["detector"]["ref"]
     assert {"vqa", "match"} <= set(served.tasks)
     assert any(k.startswith("test/") for k in store.resolve("shapes-lxmert").metrics)
+    assert 0 < state["lxmert_pretrain"]["time_box"] <= 90 * 60  # the default budget's cut
     saved = json.loads((tmp_path / "work" / "demo_state.json").read_text())
     assert saved["lxmert_finetune"]["ref"] == served.ref
 
     lines.clear()
     run_demo(tmp_path / "work", tmp_path / "store", recipe, log=lines.append)
-    assert all("skipped" in line for line in lines if line.startswith("[demo]"))
+    stage_lines = [line for line in lines if line.startswith("[demo]") and "took" not in line]
+    assert stage_lines and all("skipped" in line for line in stage_lines)
     assert len(store.list()) == 3, "a resumed run must not train anything again"
 
 
@@ -72,3 +74,36 @@ def test_a_recipe_file_changes_only_the_fields_it_names(tmp_path):
     path.write_text(json.dumps({"finetune_mix": {"vqa_families": {"count": -2}}}))
     with pytest.raises(ValueError, match="weight >= 0"):
         DemoRecipe.from_json(path)
+
+
+BEFORE_BACKBONES = {"data": 60.0, "detector": 900.0, "detector_eval": 60.0, "features": 300.0}
+
+
+def test_time_boxes_share_what_the_budget_has_left():
+    recipe = DemoRecipe()  # 90 minutes; shares vilbert 3 + 4, lxmert 2 + 2; 5 min an eval
+    done = {k: {"seconds": v} for k, v in BEFORE_BACKBONES.items()}
+    left = 90 * 60 - 1320 - 2 * 5 * 60
+    assert time_box(recipe, done, "vilbert_pretrain") == pytest.approx(left * 3 / 11)
+    done["vilbert_pretrain"] = {"seconds": 1000.0}  # it ran over its box: the rest shrink
+    left -= 1000
+    assert time_box(recipe, done, "vilbert_finetune") == pytest.approx(left * 4 / 8)
+
+
+def test_stages_that_keep_to_their_boxes_end_the_chain_on_budget():
+    recipe = DemoRecipe(budget_minutes=60, eval_minutes=4)
+    done = {k: {"seconds": v} for k, v in BEFORE_BACKBONES.items()}
+    for kind in recipe.backbones:
+        for phase in ("pretrain", "finetune"):
+            stage = f"{kind}_{phase}"
+            done[stage] = {"seconds": time_box(recipe, done, stage)}
+        done[f"{kind}_eval"] = {"seconds": 4 * 60.0}
+    assert sum(v["seconds"] for v in done.values()) == pytest.approx(60 * 60)
+
+
+def test_a_recipes_own_box_caps_the_budgets_and_a_spent_budget_gives_the_minimum():
+    done = {k: {"seconds": v} for k, v in BEFORE_BACKBONES.items()}
+    capped = DemoRecipe(finetune_seconds={"lxmert": 130})
+    assert time_box(capped, done, "lxmert_finetune") == 130
+    assert time_box(DemoRecipe(budget_minutes=0), done, "lxmert_finetune") == 0  # every step
+    spent = DemoRecipe(budget_minutes=20)
+    assert time_box(spent, done, "vilbert_pretrain") == MIN_TIME_BOX
