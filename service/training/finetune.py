@@ -8,8 +8,10 @@ Objectives (each samples its own batch of `batch_size` from the step's rng):
   match,     the alignment logit (`model.match`: higher = matched; each backbone's 2-way
   retrieval  head convention is inside it) with BCE on B images x (one true caption, one
              false caption). The false caption is a random negative (another image's
-             caption, checked false for this image) or a hard negative (the complete
-             caption with one attribute, count or relation changed). Plus a symmetric
+             caption, checked false for this image) or a hard negative (the true caption
+             it is paired with, complete or partial, with one attribute, count or relation
+             changed: short relation captions teach the relation words alone; the
+             evaluation's hard negatives change the complete caption). Plus a symmetric
              InfoNCE loss between `embed_text` of the complete captions and `embed_image`
              of the regions across the batch (temperature 0.05; images whose complete
              captions are identical are not counted as each other's negatives): the
@@ -215,23 +217,24 @@ class AlignObjective(Objective):
         if len(self.images) < 2:
             raise ValueError("matching needs at least two images with captions")
         self.pool = [c for i in self.images for c in source.captions(i)]
-        self._hard: dict[int, dict[str, list]] = {}
+        self._hard: dict[tuple[int, str], dict[str, list]] = {}
 
-    def hard(self, i: int, rng: np.random.Generator):
-        """A hard negative of image i: a kind (uniformly or by `hard_kinds`), then a
-        variant of that kind (the variants are cached per image)."""
-        if i not in self._hard:
-            self._hard[i] = by_kind(
-                hard_negatives(self.source.captions(i)[0], self.source.objects(i))
-            )
-        return pick_hard_negative(self._hard[i], rng, self.hard_kinds)
+    def hard(self, i: int, caption: str, rng: np.random.Generator):
+        """A one-change twin of `caption`, false for image i: a kind (uniformly or by
+        `hard_kinds`), then a variant of that kind (cached per image and caption); None
+        when the caption has none."""
+        if (i, caption) not in self._hard:
+            twins = hard_negatives(caption, self.source.objects(i))
+            self._hard[i, caption] = by_kind(twins)
+        return pick_hard_negative(self._hard[i, caption], rng, self.hard_kinds)
 
-    def negative(self, i: int, rng: np.random.Generator):
-        """A false caption of image i (a `Negative`: hard or random), or None."""
-        first, second = (self.hard, self.random)
-        if rng.random() >= self.hard_frac:
-            first, second = second, first
-        return first(i, rng) or second(i, rng)
+    def negative(self, i: int, caption: str, rng: np.random.Generator):
+        """A false caption to pair with `caption`, a true one of image i (a `Negative`):
+        with probability hard_frac a twin of it, else (or when it has no twin) another
+        image's caption; None when neither exists."""
+        if rng.random() < self.hard_frac and (twin := self.hard(i, caption, rng)) is not None:
+            return twin
+        return self.random(i, rng)
 
     def random(self, i: int, rng: np.random.Generator):
         return random_negative(self.source.objects(i), self.pool, rng)
@@ -250,9 +253,9 @@ class AlignObjective(Objective):
             texts.append(self.positive(int(i), rng))
             pair_regions.append(rs)
             labels.append(1.0)
-            if (neg := self.negative(int(i), rng)) is not None:
-                if neg.kind != "random" and texts[-1] == self.source.captions(int(i))[0]:
-                    rank_pairs.append((len(texts) - 1, len(texts)))  # differ in one thing
+            if (neg := self.negative(int(i), texts[-1], rng)) is not None:
+                if neg.kind != "random":  # a twin of the true caption: they differ in one thing
+                    rank_pairs.append((len(texts) - 1, len(texts)))
                 texts.append(neg.text)
                 pair_regions.append(rs)
                 labels.append(0.0)

@@ -13,8 +13,8 @@ shifts the training signal toward weak spots without changing the data, e.g.
      "align_rank": 1.0, "hard_share": 0.75}
 
 Objective weights are whole numbers of steps per cycle; the other weights are relative
-(names left out weigh 1). `align_rank` weighs a ranking loss that sets each complete
-caption against the false caption made from it, on the same image (0: off).
+(names left out weigh 1). `align_rank` weighs a ranking loss that sets each true caption
+against its one-change twin when that is the false caption paired with it (0: off).
 `complete_share` (of true captions, the complete one rather than a partial one) and
 `hard_share` (of false captions, a one-change twin rather than another image's caption)
 override the alignment objectives' defaults (finetune.ALIGN_MIX). Every mix is recorded in

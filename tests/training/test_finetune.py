@@ -127,30 +127,39 @@ def test_align_objective_pairs_true_captions_with_false_ones(tmp_path):
         objective = AlignObjective(source, load_tokenizer(), 0.5, hard_frac)
         for i in range(len(source)):
             objects, own = source.objects(i), source.captions(i)
-            assert caption_holds(objective.positive(i, rng), objects)
-            negative = objective.negative(i, rng)
+            positive = objective.positive(i, rng)
+            assert caption_holds(positive, objects)
+            negative = objective.negative(i, positive, rng)
             assert not caption_holds(negative.text, objects)
-            if hard_frac == 1.0:  # a one-change variant of the complete caption
-                assert negative in hard_negatives(own[0], objects)
+            twins = hard_negatives(positive, objects)
+            if hard_frac == 1.0 and twins:  # a one-change variant of the true caption
+                assert negative in twins
             else:  # another image's caption
                 assert negative.kind == "random"
                 assert negative.text in others and negative.text not in own
 
 
-def test_rank_pairs_set_a_complete_caption_against_its_own_hard_negative(tmp_path):
+def test_rank_pairs_set_a_true_caption_against_its_own_twin(tmp_path):
     data, features = write_tiny_split(tmp_path, "train", n=24)
     source = PairSource.load(data, features, "train")
     tok = load_tokenizer()
     objective = AlignObjective(source, tok, 0.5, 0.5, rank_weight=1.0)
     prepared = objective.prepare(np.random.default_rng(0), 24, torch.device("cpu"))
     pairs = prepared.rank_pairs.tolist()
-    assert 0 < len(pairs) < 24  # half the positives are other captions, half the negatives random
+    assert 0 < len(pairs) < 24  # about half the negatives are random ones
     ids = prepared.pairs.input_ids
+    complete = {
+        tok.decode(tok(source.captions(i)[0])["input_ids"], skip_special_tokens=True)
+        for i in range(len(source))
+    }
+    partial = 0
     for true, false in pairs:
         assert prepared.labels[true] == 1 and prepared.labels[false] == 0
         t, f = (tok.decode(ids[r], skip_special_tokens=True) for r in (true, false))
         changed = [a != b for a, b in zip(t.split(), f.split(), strict=False)]
         assert 1 <= sum(changed) <= 2 or len(t.split()) != len(f.split()), (t, f)
+        partial += t not in complete
+    assert partial > 0  # partial captions get twins of their own too
 
 
 def test_pair_rank_loss_is_the_log_loss_of_the_gap():
