@@ -251,7 +251,9 @@ def eval_match(
     by_kind = defaultdict(list)
     for pair, kind in zip(hard_pairs, kinds, strict=True):
         by_kind[kind].append(pair)
-    out["hard"]["by_kind"] = {k: _pairs(v)["accuracy"] for k, v in sorted(by_kind.items())}
+    kinds = {k: _pairs(v) for k, v in sorted(by_kind.items())}
+    out["hard"]["by_kind"] = {k: m["accuracy"] for k, m in kinds.items()}
+    out["hard"]["ranking_by_kind"] = {k: m["ranking"] for k, m in kinds.items()}
     out["positive_rate"] = float(np.mean(np.array(pos) > 0)) if pos else None
     return out
 

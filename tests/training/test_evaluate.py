@@ -108,6 +108,8 @@ def test_every_metric_of_a_model_with_known_answers(tmp_path, split, kind):
         assert match[neg]["count"] == len(records)
         assert match[neg]["accuracy"] == 0.0 and match[neg]["ranking"] == 0.0
         assert match[neg]["binary"] == 0.5
+    assert set(match["hard"]["ranking_by_kind"]) == set(match["hard"]["by_kind"])
+    assert set(match["hard"]["ranking_by_kind"].values()) == {0.0}  # ties rank wrong
 
     retrieval = results["retrieval"]
     n = len(records)
