@@ -10,6 +10,7 @@ place, so readers see a complete entry or none, and a failed write leaves nothin
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -162,7 +163,10 @@ def _check_filename(filename: str, where: str = "") -> None:
         raise StoreError(f"{where}: bad file name {filename!r} (a plain name, not manifest.json)")
 
 
+@functools.cache
 def _git_commit() -> str | None:
+    """HEAD when this process first asked (it asks on import): the commit of the code it
+    runs, even when the checkout moves on during an hour of training."""
     try:
         out = subprocess.run(
             ["git", "rev-parse", "HEAD"],
@@ -175,6 +179,9 @@ def _git_commit() -> str | None:
         return None
     commit = out.stdout.strip()
     return commit if out.returncode == 0 and commit else None
+
+
+_git_commit()  # now, at import, before any training runs
 
 
 def _unshared(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

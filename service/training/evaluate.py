@@ -364,14 +364,15 @@ def _check_detector(manifest: Manifest, source: PairSource) -> None:
 
 
 COUNT_KEYS = ("count", "by_family_count")  # how many items were measured: not metrics
+NAMED_BY_KIND = ("by_family", "by_kind", "ranking_by_kind")  # where "count" names a kind
 
 
 def flat_metrics(results: dict, prefix: str, _parent: str = "") -> dict[str, float]:
     """Nested results -> {"<prefix>/<task>/.../<name>": number}, item counts left out
-    (the "count" question family's accuracy stays)."""
+    (the "count" question family's and hard-negative kind's figures stay)."""
     out = {}
     for key, value in results.items():
-        if key in COUNT_KEYS and _parent != "by_family":
+        if key in COUNT_KEYS and _parent not in NAMED_BY_KIND:
             continue
         name = f"{prefix}/{key}"
         if isinstance(value, dict):

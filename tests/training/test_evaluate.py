@@ -132,6 +132,9 @@ def test_every_metric_of_a_model_with_known_answers(tmp_path, split, kind):
     assert manifest.metrics["test/match/hard/accuracy"] == 0.0
     assert manifest.metrics["test/retrieval/two_stage/R@1"] == retrieval["two_stage"]["R@1"]
     assert manifest.metrics["test/vqa/by_family/count"] == vqa["by_family"]["count"]
+    for kind in match["hard"]["by_kind"]:  # "count" among them: a kind, not an item count
+        assert f"test/match/hard/by_kind/{kind}" in manifest.metrics
+        assert f"test/match/hard/ranking_by_kind/{kind}" in manifest.metrics
     assert "test/vqa/count" not in manifest.metrics  # item counts are no metrics
     assert not any("by_family_count" in k for k in manifest.metrics)
     store.verify(manifest)  # the checksummed files are untouched
