@@ -80,9 +80,9 @@ BEFORE_BACKBONES = {"data": 60.0, "detector": 900.0, "detector_eval": 60.0, "fea
 
 
 def test_time_boxes_share_what_the_budget_has_left():
-    recipe = DemoRecipe()  # 90 minutes; shares vilbert 3 + 4, lxmert 2 + 2; 5 min an eval
+    recipe = DemoRecipe()  # 90 minutes; shares vilbert 3 + 4, lxmert 2 + 2
     done = {k: {"seconds": v} for k, v in BEFORE_BACKBONES.items()}
-    left = 90 * 60 - 1320 - 2 * 5 * 60
+    left = 90 * 60 - 1320 - 2 * recipe.eval_minutes * 60
     assert time_box(recipe, done, "vilbert_pretrain") == pytest.approx(left * 3 / 11)
     done["vilbert_pretrain"] = {"seconds": 1000.0}  # it ran over its box: the rest shrink
     left -= 1000
