@@ -86,6 +86,11 @@ class DemoRecipe:
 MIN_TIME_BOX = 60.0  # seconds a training stage gets even when the budget is spent
 
 
+def spent_seconds(done: dict[str, dict]) -> float:
+    """Wall-clock seconds of the finished stages."""
+    return sum(v.get("seconds", 0.0) for v in done.values())
+
+
 def time_box(recipe: DemoRecipe, done: dict[str, dict], stage: str) -> float:
     """Seconds for a backbone's training stage ("<kind>_pretrain" or "<kind>_finetune").
 
@@ -101,8 +106,7 @@ def time_box(recipe: DemoRecipe, done: dict[str, dict], stage: str) -> float:
     stages = [f"{k}_{p}" for k in recipe.backbones for p in ("pretrain", "finetune")]
     pending = [s for s in stages if s not in done]
     evals = sum(f"{k}_eval" not in done for k in recipe.backbones)
-    spent = sum(v.get("seconds", 0.0) for v in done.values())
-    left = recipe.budget_minutes * 60 - spent - evals * recipe.eval_minutes * 60
+    left = recipe.budget_minutes * 60 - spent_seconds(done) - evals * recipe.eval_minutes * 60
     weights = {s: recipe.budget_shares.get(s, 1.0) for s in pending}
     share = weights[stage] / sum(weights.values()) if sum(weights.values()) > 0 else 0.0
     allotted = max(left * share, MIN_TIME_BOX)
@@ -203,7 +207,7 @@ def run_demo(
         _backbone_stages(
             kind, det, recipe, state, store, data, features, ckpt, device, command, log
         )
-    minutes = sum(v.get("seconds", 0.0) for v in state.done.values()) / 60
+    minutes = spent_seconds(state.done) / 60
     budget = f" of a {recipe.budget_minutes:g}-minute budget" if recipe.budget_minutes > 0 else ""
     log(f"[demo] the chain's stages took {minutes:.1f} min{budget}")
     return state.done
@@ -212,54 +216,62 @@ def run_demo(
 def _backbone_stages(
     kind, det, recipe, state, store, data, features, ckpt, device, command, log
 ) -> None:
-    def pretrain() -> dict:
-        box = time_box(recipe, state.done, f"{kind}_pretrain")
-        log(f"[demo] {kind}_pretrain: time box {box:.0f} s")
-        ref = run_pretrain(
-            kind,
-            features,
-            data,
-            store.root,
-            detector_ref=det,
-            out_name=f"shapes-{kind}-pretrained",
-            config_overrides=recipe.backbone_overrides,
-            steps=recipe.pretrain_steps[kind],
-            batch_size=recipe.batch_size,
-            lr=recipe.pretrain_lr[kind],
-            max_seconds=box,
-            seed=recipe.seed,
-            checkpoint_dir=str(ckpt / f"{kind}_pretrain"),
-            device=device,
-            command=f"{command} (pretrain {kind})",
-        ).ref
-        return {"ref": ref, "time_box": box}
+    def boxed(stage: str, train: Callable[[float], str]) -> str:
+        """Run a training stage under its time box (`time_box`); its store ref."""
 
-    def finetune() -> dict:
-        box = time_box(recipe, state.done, f"{kind}_finetune")
-        log(f"[demo] {kind}_finetune: time box {box:.0f} s")
-        ref = run_finetune(
-            "all",
-            pre,
-            features_dir=features,
-            data_dir=data,
-            store_root=store.root,
-            detector_ref=det,
-            out_name=f"shapes-{kind}",
-            steps=recipe.finetune_steps[kind],
-            batch_size=recipe.batch_size,
-            lr=recipe.finetune_lr[kind],
-            max_seconds=box,
-            seed=recipe.seed,
-            include_easyvqa=recipe.include_easyvqa,
-            mix=recipe.finetune_mix,
-            checkpoint_dir=str(ckpt / f"{kind}_finetune"),
-            device=device,
-            command=f"{command} (finetune {kind})",
-        ).ref
-        return {"ref": ref, "time_box": box}
+        def run() -> dict:
+            box = time_box(recipe, state.done, stage)
+            log(f"[demo] {stage}: time box {box:.0f} s")
+            return {"ref": train(box), "time_box": box}
 
-    pre = state.run(f"{kind}_pretrain", pretrain, log)["ref"]
-    fine = state.run(f"{kind}_finetune", finetune, log)["ref"]
+        return state.run(stage, run, log)["ref"]
+
+    pre = boxed(
+        f"{kind}_pretrain",
+        lambda box: (
+            run_pretrain(
+                kind,
+                features,
+                data,
+                store.root,
+                detector_ref=det,
+                out_name=f"shapes-{kind}-pretrained",
+                config_overrides=recipe.backbone_overrides,
+                steps=recipe.pretrain_steps[kind],
+                batch_size=recipe.batch_size,
+                lr=recipe.pretrain_lr[kind],
+                max_seconds=box,
+                seed=recipe.seed,
+                checkpoint_dir=str(ckpt / f"{kind}_pretrain"),
+                device=device,
+                command=f"{command} (pretrain {kind})",
+            ).ref
+        ),
+    )
+    fine = boxed(
+        f"{kind}_finetune",
+        lambda box: (
+            run_finetune(
+                "all",
+                pre,
+                features_dir=features,
+                data_dir=data,
+                store_root=store.root,
+                detector_ref=det,
+                out_name=f"shapes-{kind}",
+                steps=recipe.finetune_steps[kind],
+                batch_size=recipe.batch_size,
+                lr=recipe.finetune_lr[kind],
+                max_seconds=box,
+                seed=recipe.seed,
+                include_easyvqa=recipe.include_easyvqa,
+                mix=recipe.finetune_mix,
+                checkpoint_dir=str(ckpt / f"{kind}_finetune"),
+                device=device,
+                command=f"{command} (finetune {kind})",
+            ).ref
+        ),
+    )
     state.run(
         f"{kind}_eval",
         lambda: run_eval(

@@ -140,7 +140,7 @@ class AlignBatch:
     labels: Tensor  # (P,) 1 = matched
     images: Batch  # each image with its complete caption, for InfoNCE
     same: Tensor  # (B, B) bool, identical complete captions
-    rank_pairs: Tensor  # (K, 2) rows of `pairs`: a complete caption, a false one made from it
+    rank_pairs: Tensor  # (K, 2) rows of `pairs`: a true caption, its one-change twin
 
 
 @dataclass
