@@ -63,6 +63,7 @@ class TrainConfig:
     warmup_frac: float = 0.05
     clip_norm: float = 1.0  # 0 = no clipping
     seed: int = 0
+    # in steps, or under a time box in the clock's share of `steps` (see _crossed)
     eval_every: int = 0  # 0 = evaluate only at the end (when `evaluate` is given)
     checkpoint_every: int = 0  # 0 = checkpoint only at the end (when checkpoint_dir is set)
     checkpoint_dir: str | None = None
@@ -171,7 +172,8 @@ def train(
 ) -> TrainResult:
     """Train `model` for cfg.steps optimizer steps of `step_loss`; see the module doc.
 
-    `evaluate(model)` runs every cfg.eval_every steps and after the last step (model in
+    `evaluate(model)` runs every cfg.eval_every steps (under a time box, each time the
+    clock passes another cfg.eval_every of the schedule) and after the last step (model in
     eval mode, no grad). With `select_metric` the returned model holds the state of the
     evaluation where that metric was highest, and best_metrics are that evaluation's;
     otherwise the last state and the last evaluation's metrics. Seeds torch's global
@@ -206,6 +208,7 @@ def train(
     )
     model.train()
     clock = _Clock(cfg, world, device)
+    last = float(progress.step)  # the schedule's position when evaluation/checkpoint last looked
     try:
         while (position := clock.position(progress.step)) < cfg.steps:
             inputs = feed.take(progress.step)
@@ -214,16 +217,14 @@ def train(
             progress.history.append(record)
             bar.update(1)
             bar.set_postfix({k: f"{v:.3g}" for k, v in record.items() if k not in ("kind", "step")})
-            if evaluate and cfg.eval_every and progress.step % cfg.eval_every == 0:
+            now = max(float(progress.step), position)  # a time box's clock can run ahead
+            if evaluate and _crossed(last, now, cfg.eval_every):
                 feed.settle()  # evaluate may share what prepare uses (the tokenizer)
                 _run_eval(model, evaluate, select_metric, progress)
-            if (
-                cfg.checkpoint_dir
-                and cfg.checkpoint_every
-                and progress.step % cfg.checkpoint_every == 0
-            ):
+            if cfg.checkpoint_dir and _crossed(last, now, cfg.checkpoint_every):
                 _checkpoint(cfg, model, optimizer, feed.rng_state(), progress, rank, world, device)
                 saved_step = progress.step
+            last = now
         bar.close()
         evaluated_last = progress.history and progress.history[-1]["kind"] == "eval"
         if evaluate and not evaluated_last:
@@ -237,6 +238,14 @@ def train(
     if select_metric and progress.best_state is not None:
         model.load_state_dict(progress.best_state)
     return TrainResult(model, progress.history, dict(progress.best_metrics), progress.step)
+
+
+def _crossed(last: float, now: float, every: int) -> bool:
+    """Whether the schedule passed a multiple of `every` (0: never) between two positions.
+
+    Positions are steps, or under a time box the clock's share of cfg.steps, so a run
+    boxed far short of its cfg.steps still evaluates and checkpoints on the way."""
+    return every > 0 and int(now // every) > int(last // every)
 
 
 class _Clock:

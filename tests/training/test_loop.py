@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+from service.training import loop
 from service.training.loop import TrainConfig, lr_factor, make_optimizer, train
 
 TRUE_W = torch.tensor([[1.5, -2.0, 0.5, 3.0]])
@@ -142,6 +143,31 @@ def test_a_finished_run_resumes_to_itself_without_training(tmp_path):
     }
     state = json.loads(next(tmp_path.rglob("state.json")).read_text())
     assert state["step"] == 12 and len(state["history"]) == 12
+
+
+def test_a_time_box_evaluates_and_checkpoints_on_the_way_not_only_at_its_end(tmp_path, monkeypatch):
+    """eval_every / checkpoint_every count in the schedule's position, which a time box's
+    clock moves: a box far short of cfg.steps still validates as it goes."""
+    steps = 1_000_000
+    cfg = TrainConfig(
+        steps=steps,
+        batch_size=16,
+        lr=1e-2,
+        progress=False,
+        max_seconds=1.5,
+        eval_every=steps // 5,
+        checkpoint_every=steps // 5,
+        checkpoint_dir=str(tmp_path),
+    )
+    saved = []
+    write = loop._checkpoint
+    monkeypatch.setattr(loop, "_checkpoint", lambda *a: (saved.append(a[4].step), write(*a)))
+    result = train(toy_model(), regression_loss, cfg, evaluate=lambda m: {"x": 1.0})
+    eval_steps = [h["step"] for h in result.history if h["kind"] == "eval"]
+    assert result.steps_done < steps // 5  # no step count reached the first multiple
+    assert len(eval_steps) >= 3 and eval_steps == sorted(set(eval_steps))
+    assert eval_steps[-1] == result.steps_done  # ...and the last is at the end, as always
+    assert len(saved) >= 3 and saved[-1] == result.steps_done
 
 
 def test_a_time_box_stops_the_run_and_fits_the_whole_schedule_into_it():
