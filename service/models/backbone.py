@@ -9,6 +9,7 @@ config dict stored in a manifest, with nothing else needed.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
 from typing import Any, Protocol, runtime_checkable
 
@@ -95,6 +96,24 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     """Mean over dim 1 of x (B, N, D) where mask (B, N) is 1; zero-safe."""
     m = mask.to(x.dtype).unsqueeze(-1)
     return (x * m).sum(1) / m.sum(1).clamp(min=1.0)
+
+
+def once_per_distinct_row(fn: Callable[..., Tensor], key: Tensor, *inputs: Tensor) -> Tensor:
+    """fn(*inputs) computed once per distinct row of `key` (B, ...) and gathered back.
+
+    For a single-modality stage of an eval-mode model fed repeating rows: a caption
+    scored against 50 images (search's second stage), several questions about one
+    image. Equal to fn(*inputs) up to float rounding, so only for fn without
+    randomness (no dropout in training mode).
+    """
+    rows = key.reshape(len(key), -1)
+    distinct, inverse = torch.unique(rows, dim=0, return_inverse=True)
+    if len(distinct) == len(rows):
+        return fn(*inputs)
+    positions = torch.arange(len(rows), device=rows.device)
+    first = torch.full((len(distinct),), len(rows), dtype=torch.long, device=rows.device)
+    first = first.scatter_reduce(0, inverse, positions, "amin")  # a row standing for each
+    return fn(*(x[first] for x in inputs))[inverse]
 
 
 def build_backbone(kind: str, config: dict[str, Any]) -> nn.Module:

@@ -20,12 +20,13 @@ regions' features at location [0, 0, 1, 1, 1]. The model builds it from the `Bat
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from service.models.backbone import Batch, masked_mean
+from service.models.backbone import Batch, masked_mean, once_per_distinct_row
 
 MASK_VALUE = -10000.0  # added to attention scores of padded keys, as the released code does
 IMG_LOCATION = (0.0, 0.0, 1.0, 1.0, 1.0)  # the IMG token covers the whole image
@@ -385,9 +386,14 @@ class ViLBertModel(nn.Module):
         (multi-task checkpoints); None inserts none.
         """
         t_mask = batch.attention_mask
-        t = self.text_embeddings(batch.input_ids, batch.token_type_ids, task_id)
         if task_id is not None:
             t_mask = torch.cat([t_mask.new_ones(len(batch), 1), t_mask], dim=1)
+        text = (batch.input_ids, batch.token_type_ids, t_mask)
+        prefix = partial(self._text_prefix, task_id=task_id)
+        if self.training:
+            t = prefix(*text)
+        else:  # a caption against many images runs its text-only layers once
+            t = once_per_distinct_row(prefix, torch.cat([x.long() for x in text], 1), *text)
         feats, locs, v_mask = with_img_token(
             batch.region_features, batch.region_boxes, batch.region_mask
         )
@@ -404,10 +410,25 @@ class ViLBertModel(nn.Module):
             "pooled_v": F.relu(self.image_pooler(v[:, 0])),
         }
 
+    def _text_prefix(self, input_ids: Tensor, token_type_ids: Tensor, t_mask: Tensor, task_id):
+        """Text embeddings and the text layers before the first co-layer, which read the
+        text alone: (B, T, H) (T + 1 with a task token)."""
+        t = self.text_embeddings(input_ids, token_type_ids, task_id)
+        mask = extended_mask(t_mask, t.dtype)
+        for layer in self.text_layers[: self._text_only_layers()]:
+            t = layer(t, mask)
+        return t
+
+    def _text_only_layers(self) -> int:
+        """Text layers before the first co-layer (all of them when there is none)."""
+        ids = self.config.t_biattention_id
+        return ids[0] if ids else len(self.text_layers)
+
     def _run_streams(self, t: Tensor, t_mask: Tensor, v: Tensor, v_mask: Tensor):
         """The released BertEncoder schedule: before the k-th co-layer the text stream has
-        run t_biattention_id[k] layers and the visual stream v_biattention_id[k]."""
-        t_done = v_done = 0
+        run t_biattention_id[k] layers and the visual stream v_biattention_id[k]. `t` has
+        run the text-only layers already (`_text_prefix`)."""
+        t_done, v_done = self._text_only_layers(), 0
         ids = zip(self.config.t_biattention_id, self.config.v_biattention_id, strict=True)
         for co_layer, (t_end, v_end) in zip(self.co_layers, ids, strict=True):
             for layer in self.text_layers[t_done:t_end]:

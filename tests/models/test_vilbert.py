@@ -275,6 +275,24 @@ def test_an_item_gives_the_same_outputs_alone_and_in_a_batch():
             assert torch.allclose(a, b, atol=ATOL), (name, i)
 
 
+@pytest.mark.parametrize("task_tokens", [False, True])
+def test_a_caption_repeated_against_many_images_scores_as_if_alone(task_tokens):
+    """Search's second stage: one caption x many images. Eval mode runs the text-only
+    layers once per distinct caption; every output must still be the item's own."""
+    model = tiny_model(task_specific_tokens=task_tokens)
+    batch = make_batch([4, 4, 4, 2, 4], [3, 2, 4, 4, 1], seed=5)
+    for i in (1, 2, 4):  # items 0, 1, 2, 4: one caption; item 3 another
+        for name in ("input_ids", "attention_mask", "token_type_ids"):
+            getattr(batch, name)[i] = getattr(batch, name)[0]
+    with torch.no_grad():
+        together = model.match(batch)
+        alone = torch.cat([model.match(item(batch, i, 4, 4)) for i in range(len(batch))])
+        answers = model.answer(batch)
+        answers_alone = torch.cat([model.answer(item(batch, i, 4, 4)) for i in range(5)])
+    assert torch.allclose(together, alone, atol=ATOL)
+    assert torch.allclose(answers, answers_alone, atol=ATOL)
+
+
 def test_task_token_changes_outputs_but_keeps_token_positions():
     model = tiny_model(task_specific_tokens=True)
     batch = make_batch([5, 3], [4, 2])

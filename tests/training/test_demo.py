@@ -80,17 +80,17 @@ BEFORE_BACKBONES = {"data": 60.0, "detector": 900.0, "detector_eval": 60.0, "fea
 
 
 def test_time_boxes_share_what_the_budget_has_left():
-    recipe = DemoRecipe()  # 90 minutes; shares vilbert 3 + 4, lxmert 2 + 2
+    recipe = DemoRecipe()  # 90 minutes; shares vilbert 2 + 5, lxmert 2 + 3
     done = {k: {"seconds": v} for k, v in BEFORE_BACKBONES.items()}
-    left = 90 * 60 - 1320 - 2 * recipe.eval_minutes * 60
-    assert time_box(recipe, done, "vilbert_pretrain") == pytest.approx(left * 3 / 11)
+    left = 90 * 60 - 1320 - sum(recipe.eval_minutes.values()) * 60
+    assert time_box(recipe, done, "vilbert_pretrain") == pytest.approx(left * 2 / 12)
     done["vilbert_pretrain"] = {"seconds": 1000.0}  # it ran over its box: the rest shrink
     left -= 1000
-    assert time_box(recipe, done, "vilbert_finetune") == pytest.approx(left * 4 / 8)
+    assert time_box(recipe, done, "vilbert_finetune") == pytest.approx(left * 5 / 10)
 
 
 def test_stages_that_keep_to_their_boxes_end_the_chain_on_budget():
-    recipe = DemoRecipe(budget_minutes=60, eval_minutes=4)
+    recipe = DemoRecipe(budget_minutes=60, eval_minutes={"vilbert": 4, "lxmert": 4})
     done = {k: {"seconds": v} for k, v in BEFORE_BACKBONES.items()}
     for kind in recipe.backbones:
         for phase in ("pretrain", "finetune"):
