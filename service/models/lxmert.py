@@ -37,7 +37,7 @@ from transformers.models.lxmert.modeling_lxmert import (
     LxmertVisualObjHead,
 )
 
-from service.models.backbone import Batch, masked_mean
+from service.models.backbone import Batch, masked_mean, once_per_distinct_row
 
 logger = logging.getLogger(__name__)
 
@@ -170,30 +170,43 @@ class LxmertBackbone(nn.Module):
     # --- encoders -------------------------------------------------------------------
 
     def encode(self, batch: Batch) -> tuple[Tensor, Tensor, Tensor]:
-        """Full LXMERT: (language_output (B,T,H), vision_output (B,R,H), pooled (B,H))."""
-        out = self.lxmert(
-            input_ids=batch.input_ids,
-            visual_feats=batch.region_features,
-            visual_pos=batch.region_boxes,
-            attention_mask=batch.attention_mask,
-            visual_attention_mask=batch.region_mask,
-            token_type_ids=batch.token_type_ids,
-            return_dict=True,
-        )
-        return out.language_output, out.vision_output, out.pooled_output
+        """Full LXMERT: (language_output (B,T,H), vision_output (B,R,H), pooled (B,H)).
+
+        LxmertModel's forward step by step, so that in eval mode the two single-modality
+        encoders run once per distinct text and once per distinct image of the batch (a
+        caption against 50 images in search; several questions about one image).
+        """
+        text = (batch.input_ids, batch.token_type_ids, batch.attention_mask)
+        image = (batch.region_features, batch.region_boxes, batch.region_mask)
+        if self.training:
+            lang, vision = self._language(*text), self.encode_image(*image)
+        else:
+            text_key = torch.cat([x.long() for x in text], 1)
+            image_key = torch.cat([x.flatten(1).float() for x in image], 1)
+            lang = once_per_distinct_row(self._language, text_key, *text)
+            vision = once_per_distinct_row(self.encode_image, image_key, *image)
+        lang_mask = self._additive_mask(batch.attention_mask)
+        vision_mask = self._additive_mask(batch.region_mask)
+        for layer in self.lxmert.encoder.x_layers:
+            lang, vision = layer(lang, lang_mask, vision, vision_mask)[:2]
+        return lang, vision, self.lxmert.pooler(lang)
 
     def _additive_mask(self, mask: Tensor) -> Tensor:
         """(B, N) 1/0 mask -> (B, 1, 1, N) additive mask, as LxmertModel builds it."""
         dtype = self.lxmert.dtype
         return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
 
-    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        """Language encoder alone (embeddings + l_layers): (B, T, H)."""
-        h = self.lxmert.embeddings(input_ids, torch.zeros_like(input_ids))
+    def _language(self, input_ids: Tensor, token_type_ids: Tensor, attention_mask: Tensor):
+        """Embeddings + l_layers: (B, T, H)."""
+        h = self.lxmert.embeddings(input_ids, token_type_ids)
         mask = self._additive_mask(attention_mask)
         for layer in self.lxmert.encoder.layer:
             h = layer(h, mask)[0]
         return h
+
+    def encode_text(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """Language encoder alone (embeddings + l_layers), token types 0: (B, T, H)."""
+        return self._language(input_ids, torch.zeros_like(input_ids), attention_mask)
 
     def encode_image(self, region_features: Tensor, region_boxes: Tensor, region_mask: Tensor):
         """Object-relationship encoder alone (visual embedding + r_layers): (B, R, H)."""

@@ -196,6 +196,35 @@ def test_item_alone_equals_item_in_batch():
         assert_close_dicts(real_part(alone, 0, t, r), real_part(together, i, t, r))
 
 
+def test_repeated_texts_and_images_give_each_items_own_outputs():
+    """One caption against several images (search) and several questions about one
+    image (VQA): eval mode runs each single-modality encoder once per distinct input;
+    every output must still be the item's own."""
+    model = tiny_model()
+    lens, regions = [5, 5, 5, 3, 4], [3, 2, 4, 4, 4]
+    batch = make_batch(lens, regions, seed=7)
+    for name in ("input_ids", "attention_mask", "token_type_ids"):
+        getattr(batch, name)[1:3] = getattr(batch, name)[0]  # items 0-2: one caption
+    for name in ("region_features", "region_boxes", "region_mask"):
+        getattr(batch, name)[3:] = getattr(batch, name)[2]  # items 2-4: one image
+    together = all_outputs(model, batch)
+    for i, (t, r) in enumerate(zip(lens, regions, strict=True)):
+        alone = all_outputs(model, item_batch(batch, i))
+        assert_close_dicts(real_part(alone, 0, t, r), real_part(together, i, t, r))
+
+
+def test_training_mode_encodes_as_transformers_lxmert_model():
+    torch.manual_seed(0)
+    config = {**TINY, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    model = LxmertBackbone(LxmertBackboneConfig(**config)).train()
+    batch = make_batch([6, 3], [5, 2], seed=8)
+    ref = model.lxmert(**hf_inputs(batch))
+    lang, vision, pooled = model.encode(batch)
+    torch.testing.assert_close(lang, ref.language_output, atol=1e-6, rtol=0)
+    torch.testing.assert_close(vision, ref.vision_output, atol=1e-6, rtol=0)
+    torch.testing.assert_close(pooled, ref.pooled_output, atol=1e-6, rtol=0)
+
+
 def test_safetensors_round_trip(tmp_path):
     model = tiny_model(seed=0)
     save_file(model.state_dict(), tmp_path / "model.safetensors")  # no shared tensors
