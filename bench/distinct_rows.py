@@ -100,7 +100,7 @@ def batches(tokenizer, feature_dim: int, rerank: int, images: int) -> dict[str, 
     }
 
 
-def _every_row(fn, key, *inputs):
+def _every_row(fn, *inputs):
     return fn(*inputs)
 
 

@@ -98,15 +98,16 @@ def masked_mean(x: Tensor, mask: Tensor) -> Tensor:
     return (x * m).sum(1) / m.sum(1).clamp(min=1.0)
 
 
-def once_per_distinct_row(fn: Callable[..., Tensor], key: Tensor, *inputs: Tensor) -> Tensor:
-    """fn(*inputs) computed once per distinct row of `key` (B, ...) and gathered back.
+def once_per_distinct_row(fn: Callable[..., Tensor], *inputs: Tensor) -> Tensor:
+    """fn(*inputs) computed once per distinct row of the inputs (each (B, ...)) and
+    gathered back.
 
     For a single-modality stage of an eval-mode model fed repeating rows: a caption
     scored against 50 images (search's second stage), several questions about one
     image. Equal to fn(*inputs) up to float rounding, so only for fn without
     randomness (no dropout in training mode).
     """
-    rows = key.reshape(len(key), -1)
+    rows = torch.cat([x.reshape(len(x), -1).float() for x in inputs], 1)  # ids < 2**24
     distinct, inverse = torch.unique(rows, dim=0, return_inverse=True)
     if len(distinct) == len(rows):
         return fn(*inputs)

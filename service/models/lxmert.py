@@ -181,10 +181,8 @@ class LxmertBackbone(nn.Module):
         if self.training:
             lang, vision = self._language(*text), self.encode_image(*image)
         else:
-            text_key = torch.cat([x.long() for x in text], 1)
-            image_key = torch.cat([x.flatten(1).float() for x in image], 1)
-            lang = once_per_distinct_row(self._language, text_key, *text)
-            vision = once_per_distinct_row(self.encode_image, image_key, *image)
+            lang = once_per_distinct_row(self._language, *text)
+            vision = once_per_distinct_row(self.encode_image, *image)
         lang_mask = self._additive_mask(batch.attention_mask)
         vision_mask = self._additive_mask(batch.region_mask)
         for layer in self.lxmert.encoder.x_layers:

@@ -393,7 +393,7 @@ class ViLBertModel(nn.Module):
         if self.training:
             t = prefix(*text)
         else:  # a caption against many images runs its text-only layers once
-            t = once_per_distinct_row(prefix, torch.cat([x.long() for x in text], 1), *text)
+            t = once_per_distinct_row(prefix, *text)
         feats, locs, v_mask = with_img_token(
             batch.region_features, batch.region_boxes, batch.region_mask
         )

@@ -62,8 +62,8 @@ class DemoRecipe:
             "lxmert_finetune": 3,
         }
     )
-    # kept back for each backbone's evaluation still to run: the first default run on the
-    # 2-core CPU took 12.3 (ViLBERT, 4 of them on rerank pairs since halved) and 3.8 (LXMERT)
+    # kept back for each backbone's evaluation still to run: on the 2-core CPU the test
+    # split took 7.0 (ViLBERT) and 3.7 (LXMERT) minutes (docs/experiments/demo-cpu/)
     eval_minutes: dict[str, float] = field(default_factory=lambda: {"vilbert": 10, "lxmert": 5})
     # what fine-tuning draws how often (service.training.mix.Mix fields; empty: uniform)
     finetune_mix: dict = field(default_factory=dict)
