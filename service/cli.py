@@ -93,6 +93,19 @@ def _train_pretrain(args: argparse.Namespace) -> None:
     print(f"wrote {m.ref} to {m.path}")
 
 
+def _train_calibrate(args: argparse.Namespace) -> None:
+    from service.training.calibrate import run_calibrate
+
+    m = run_calibrate(
+        args.model, args.store, args.features, args.data, args.split, args.seed, args.device
+    )
+    if m.match_calibration is None:
+        print(f"{m.ref}: the alignment head alone does better on {args.split}; match uses it")
+    else:
+        print(f"{m.ref}: match_calibration set")
+    print(json.dumps(m.match_calibration, indent=2))
+
+
 def _train_demo(args: argparse.Namespace) -> None:
     from service.training.demo import DemoRecipe, run_demo
 
@@ -346,6 +359,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_training_args(fine, steps=2000, lr=5e-5)
     fine.set_defaults(func=_train_finetune)
+    cal = train_sub.add_parser(
+        "calibrate",
+        help="fit how /v1/match combines the alignment head with the embeddings (val split)",
+    )
+    cal.add_argument("--model", required=True, help="name or name@version")
+    cal.add_argument("--split", choices=["train", "val"], default="val")
+    cal.add_argument("--data", default="data/shapes", help="shapes-world data folder")
+    cal.add_argument("--features", default="data/features", help="region features folder")
+    cal.add_argument("--store", default="model_store")
+    cal.add_argument("--seed", type=int, default=0)
+    cal.add_argument("--device", default="cpu")
+    cal.set_defaults(func=_train_calibrate)
     demo = train_sub.add_parser(
         "demo", help="the whole chain that makes the shipped models (resumable)"
     )

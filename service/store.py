@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 
 KINDS = ("detector", "vilbert", "lxmert")
 MANIFEST = "manifest.json"
+AFTER_TRAINING = {"match_calibration"}  # manifest fields set after the entry is written
 WEIGHTS = "model.safetensors"
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
 _FILENAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -72,6 +73,9 @@ class Manifest:
     # tensors kept out of the entry and read from an installed package (frozen weights):
     # state key -> {"package": module, "file": path inside it, "key": tensor, "sha256": file's}
     external: dict[str, dict[str, str]] = field(default_factory=dict)
+    # how the served match logit combines the alignment head and the embeddings
+    # (service.models.backbone.MatchCalibration), fitted after training; None: head alone
+    match_calibration: dict | None = None
     path: Path = field(default=Path(), compare=False)
 
     @property
@@ -357,10 +361,18 @@ class ModelStore:
             return manifest
         raise StoreError(f"could not find a free version for {manifest.name!r}")
 
-    def update_metrics(self, manifest: Manifest, metrics: dict) -> Manifest:
-        """Merge `metrics` into the entry's manifest on disk (atomic replace)."""
+    def update_manifest(
+        self, manifest: Manifest, metrics: dict | None = None, **fields
+    ) -> Manifest:
+        """Merge `metrics` into the entry's manifest on disk and set `fields` (those made
+        after training: metrics, match_calibration); an atomic replace. The checksummed
+        files are never touched."""
+        if unknown := set(fields) - AFTER_TRAINING:
+            raise TypeError(f"cannot update manifest fields {sorted(unknown)}")
         current = Manifest.from_file(manifest.path)
-        current.metrics = {**current.metrics, **metrics}
+        current.metrics = {**current.metrics, **(metrics or {})}
+        for name, value in fields.items():
+            setattr(current, name, value)
         fd, tmp = tempfile.mkstemp(prefix=".manifest-", dir=current.path)
         try:
             with os.fdopen(fd, "w") as f:

@@ -228,13 +228,20 @@ def test_versions_sort_as_numbers(store):
     assert put(store, "foo").version == 11
 
 
-def test_update_metrics_merges_and_persists(store):
+def test_update_manifest_merges_metrics_and_sets_calibration(store):
     m = put(store, "foo", metrics={"vqa_acc": 0.5, "steps": 10})
-    updated = store.update_metrics(m, {"vqa_acc": 0.9, "match_auc": 0.8})
+    calibration = {"head": 0.8, "cosine": 1.4, "bias": -25.0}
+    updated = store.update_manifest(
+        m, {"vqa_acc": 0.9, "match_auc": 0.8}, match_calibration=calibration
+    )
     assert updated.metrics == {"vqa_acc": 0.9, "steps": 10, "match_auc": 0.8}
-    assert ModelStore(store.root).resolve("foo@1").metrics == updated.metrics
+    reread = ModelStore(store.root).resolve("foo@1")
+    assert reread.metrics == updated.metrics and reread.match_calibration == calibration
+    assert store.update_manifest(reread).match_calibration == calibration  # kept when not given
     assert sorted(p.name for p in m.path.iterdir()) == ["manifest.json", "model.safetensors"]
     store.verify(updated)
+    with pytest.raises(TypeError, match="config"):
+        store.update_manifest(m, config={})  # what rebuilds the model stays as written
 
 
 def test_delete_removes_an_entry_and_an_emptied_name(store):

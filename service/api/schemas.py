@@ -90,7 +90,10 @@ class VqaResponse(BaseModel):
 
 class TextScore(BaseModel):
     text: str
-    score: float = Field(description="probability that the text describes the image")
+    score: float = Field(
+        description="probability that the text describes the image; above 0.5 is a match "
+        "(calibrated on validation pairs when the model lists a match_calibration)"
+    )
 
 
 class MatchResponse(BaseModel):
@@ -156,6 +159,11 @@ class ModelInfo(BaseModel):
     tasks: list[str]
     detector: str | None
     metrics: dict
+    match_calibration: dict | None = Field(
+        None,
+        description="how /v1/match combines the alignment head's logit with the embeddings' "
+        "cosine (fitted by `vqa train calibrate`); null: the head's logit alone",
+    )
 
 
 class ErrorBody(BaseModel):

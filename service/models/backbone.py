@@ -117,6 +117,50 @@ def once_per_distinct_row(fn: Callable[..., Tensor], *inputs: Tensor) -> Tensor:
     return fn(*(x[first] for x in inputs))[inverse]
 
 
+@dataclass(frozen=True)
+class MatchCalibration:
+    """How a pair's match logit is made from the alignment head and the dual embeddings.
+
+    logit = head * head_logit + cosine * cos(text, image) / T + bias: a logistic fit on
+    validation pairs (`service.training.calibrate`), its decision threshold folded into
+    the bias so that logit > 0 (p > 0.5) is "match". The head alone misses near-duplicate
+    captions that the embeddings tell apart (docs/experiments/match-calibration.md).
+    """
+
+    head: float
+    cosine: float
+    bias: float
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any] | None) -> MatchCalibration | None:
+        """A manifest's `match_calibration` (None: the head's logit alone)."""
+        return cls(float(d["head"]), float(d["cosine"]), float(d["bias"])) if d else None
+
+    def logit(self, head_logit: Tensor, cosine: Tensor) -> Tensor:
+        return self.head * head_logit + self.cosine * cosine / EMBED_TEMPERATURE + self.bias
+
+
+def match_parts(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
+    """(alignment head logit, cosine of the text and image embeddings), each (B,) float.
+
+    In eval mode the image embedding runs once per distinct image of the batch."""
+    head = model.match(batch)
+    text = model.embed_text(batch.input_ids, batch.attention_mask)  # (B, D)
+    regions = (batch.region_features, batch.region_boxes, batch.region_mask)
+    if model.training:
+        image = model.embed_image(*regions)  # (B, D)
+    else:  # one image scored against many texts: embedded once
+        image = once_per_distinct_row(model.embed_image, *regions)
+    return head.float(), (text * image).sum(-1).float()
+
+
+def match_logits(model: nn.Module, batch: Batch, calibration: MatchCalibration | None) -> Tensor:
+    """The match logit (B,) as served: the head's, or its calibrated combination."""
+    if calibration is None:
+        return model.match(batch).float()
+    return calibration.logit(*match_parts(model, batch))
+
+
 def build_backbone(kind: str, config: dict[str, Any]) -> nn.Module:
     """Rebuild a backbone from a manifest's config dict alone."""
     if kind == "vilbert":

@@ -514,6 +514,7 @@ def _model_info(b: LoadedBackbone) -> dict:
         "tasks": list(m.tasks or []),
         "detector": m.detector,
         "metrics": m.metrics or {},
+        "match_calibration": m.match_calibration,
     }
 
 

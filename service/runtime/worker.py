@@ -18,7 +18,7 @@ from PIL import Image
 from service.data.collate import MAX_TEXT_TOKENS, RegionSet, collate, normalise_boxes
 from service.data.tokenizer import load_tokenizer
 from service.errors import NotFound
-from service.models.backbone import build_backbone
+from service.models.backbone import MatchCalibration, build_backbone, match_logits
 from service.models.detector import RegionDetector
 from service.store import Manifest, ModelNotFound, ModelStore
 
@@ -41,6 +41,7 @@ class LoadedBackbone:
     tokenizer: object
     answers: list[str]
     detector: LoadedDetector
+    calibration: MatchCalibration | None = None  # the manifest's; None: the head's logit
 
 
 @dataclass
@@ -98,7 +99,9 @@ class Worker:
         module.load_state_dict(store.load_tensors(manifest))
         module.to(self.device, self.dtype).eval()
         tokenizer = load_tokenizer(str(manifest.path)) if manifest.tokenizer else load_tokenizer()
-        return LoadedBackbone(manifest, module, tokenizer, list(manifest.answers or []), detector)
+        calibration = MatchCalibration.from_dict(manifest.match_calibration)
+        answers = list(manifest.answers or [])
+        return LoadedBackbone(manifest, module, tokenizer, answers, detector, calibration)
 
     # -- inference (runs on the worker thread) --------------------------------------
     @torch.inference_mode()
@@ -140,7 +143,7 @@ class Worker:
         if task == "vqa":
             return list(model.answer(batch).float().cpu())
         if task == "match":
-            return model.match(batch).float().cpu().tolist()
+            return match_logits(model, batch, backbone.calibration).cpu().tolist()
         logits = model.ground(batch).float().cpu()  # (B, R) padded
         return [row[: len(it.regions)] for row, it in zip(logits, items, strict=True)]
 

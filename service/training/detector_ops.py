@@ -275,7 +275,7 @@ def run_eval_detector(
         for k, v in report.get(part, {}).items()
         if v is not None and "images" not in k
     }
-    ModelStore(store_root).update_metrics(manifest, flat)
+    ModelStore(store_root).update_manifest(manifest, flat)
     path = _report_path(out, manifest.name)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=2) + "\n")

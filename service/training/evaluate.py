@@ -21,10 +21,12 @@ ahead by the detector (as LXMERT's evaluation did):
   match      each image with its complete caption (positive) against one false caption
              (negative): a random one (another image's caption, checked false) and a hard
              one (one attribute, count or relation changed); see `metrics.match_accuracy`.
+             Scored with the match logit as served: calibrated when the manifest holds a
+             `match_calibration` (`service.training.calibrate`), the head's otherwise.
 
 Store entries are immutable and checksummed, so nothing is written into the entry's
 folder: metrics.json and the plots go to `out_dir` (default docs/experiments/<name>/),
-and the numbers are merged into the manifest with `ModelStore.update_metrics` under flat
+and the numbers are merged into the manifest with `ModelStore.update_manifest` under flat
 keys "<split>/<task>/...".
 """
 
@@ -33,6 +35,7 @@ from __future__ import annotations
 import json
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,7 +46,13 @@ from tqdm import tqdm
 from service.data.collate import MAX_TEXT_TOKENS, RegionSet, collate
 from service.data.language import FAMILIES
 from service.data.tokenizer import load_tokenizer
-from service.models.backbone import build_backbone, two_stage_scores
+from service.models.backbone import (
+    Batch,
+    MatchCalibration,
+    build_backbone,
+    match_parts,
+    two_stage_scores,
+)
 from service.store import Manifest, ModelStore
 from service.training.examples import PairSource, feature_path
 from service.training.metrics import (
@@ -72,19 +81,21 @@ def _chunks(n: int, size: int, desc: str, progress: bool):
 def pair_scores(
     model: nn.Module,
     tokenizer,
-    method: str,
+    method: str | Callable[[Batch], Tensor],
     texts: Sequence[str],
     regions: Sequence[RegionSet],
     batch_size: int = 64,
     device: str = "cpu",
     progress: bool = False,
 ) -> Tensor:
-    """model.<method>(batch) over every (text, regions) pair, on CPU: "answer" gives
-    (N, num_answers) logits, "match" (N,) logits."""
+    """model.<method>(batch) (or method(batch)) over every (text, regions) pair, on CPU:
+    "answer" gives (N, num_answers) logits, "match" (N,) logits."""
+    fn = getattr(model, method) if isinstance(method, str) else method
+    desc = method if isinstance(method, str) else getattr(method, "__name__", "pairs")
     out = [torch.zeros(0)]
-    for s in _chunks(len(texts), batch_size, method, progress):
+    for s in _chunks(len(texts), batch_size, desc, progress):
         batch = collate(texts[s : s + batch_size], regions[s : s + batch_size], tokenizer)
-        out.append(getattr(model, method)(batch.to(device)).float().cpu())
+        out.append(fn(batch.to(device)).float().cpu())
     return torch.cat(out) if len(out) > 1 else out[0]
 
 
@@ -206,6 +217,78 @@ def eval_grounding(
     }
 
 
+@dataclass
+class MatchPairs:
+    """eval_match's draw: each image's complete caption, paired with a random other
+    image's caption (checked false) and with a hard negative (one attribute, count or
+    relation changed), where one exists. texts[k] is read on regions[k]; pairs hold
+    (positive index, negative index) into them."""
+
+    texts: list[str] = field(default_factory=list)
+    regions: list[RegionSet] = field(default_factory=list)
+    positives: list[int] = field(default_factory=list)
+    random: list[tuple[int, int]] = field(default_factory=list)
+    hard: list[tuple[int, int]] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)  # each hard pair's kind of change
+
+    def add(self, text: str, regions: RegionSet) -> int:
+        self.texts.append(text)
+        self.regions.append(regions)
+        return len(self.texts) - 1
+
+
+def draw_match_pairs(
+    source: PairSource, max_images: int | None = None, seed: int = 0
+) -> MatchPairs:
+    rng = np.random.default_rng(seed)
+    images = _images(source, max_images, source.captions)
+    pool = [source.captions(i)[0] for i in images]  # other images' complete captions
+    pairs = MatchPairs()
+    for i in images:
+        caption, objects, rs = source.captions(i)[0], source.objects(i), source.region_set(i)
+        rand = random_negative(objects, pool, rng)
+        hard = sample_hard_negative(caption, objects, rng)
+        p = pairs.add(caption, rs)
+        pairs.positives.append(p)
+        if rand is not None:
+            pairs.random.append((p, pairs.add(rand.text, rs)))
+        if hard is not None:
+            pairs.hard.append((p, pairs.add(hard.text, rs)))
+            pairs.kinds.append(hard.kind)
+    return pairs
+
+
+def match_pair_parts(model, tokenizer, pairs: MatchPairs, **common) -> Tensor:
+    """(N, 2): each text's alignment head logit and embeddings' cosine (`match_parts`)."""
+
+    def parts(batch: Batch) -> Tensor:
+        return torch.stack(match_parts(model, batch), -1)
+
+    return pair_scores(model, tokenizer, parts, pairs.texts, pairs.regions, **common)
+
+
+def match_report(scores: Tensor, pairs: MatchPairs, threshold: float = 0.0) -> dict:
+    """Pair accuracies (`metrics.match_accuracy`) of match logits, one per text."""
+    score = scores.numpy()
+
+    def judged(which: list[tuple[int, int]]) -> dict:
+        if not which:
+            return {"accuracy": None, "ranking": None, "binary": None, "count": 0}
+        pos, neg = np.array(which).T
+        return match_accuracy(score[pos], score[neg], threshold)
+
+    out = {"random": judged(pairs.random), "hard": judged(pairs.hard)}
+    by_kind = defaultdict(list)
+    for pair, kind in zip(pairs.hard, pairs.kinds, strict=True):
+        by_kind[kind].append(pair)
+    kinds = {k: judged(v) for k, v in sorted(by_kind.items())}
+    out["hard"]["by_kind"] = {k: m["accuracy"] for k, m in kinds.items()}
+    out["hard"]["ranking_by_kind"] = {k: m["ranking"] for k, m in kinds.items()}
+    positive = score[pairs.positives]
+    out["positive_rate"] = float(np.mean(positive > threshold)) if len(positive) else None
+    return out
+
+
 def eval_match(
     model,
     tokenizer,
@@ -215,54 +298,21 @@ def eval_match(
     max_images: int | None = None,
     seed: int = 0,
     progress: bool = False,
+    calibration: MatchCalibration | None = None,
 ) -> dict:
-    """Complete caption vs a random false caption and vs a hard negative, per image."""
-    rng = np.random.default_rng(seed)
-    images = _images(source, max_images, source.captions)
-    pool = [source.captions(i)[0] for i in images]  # other images' complete captions
-    rows = []  # (image, positive, random negative, hard negative)
-    for i in images:
-        caption, objects = source.captions(i)[0], source.objects(i)
-        rand = random_negative(objects, pool, rng)
-        hard = sample_hard_negative(caption, objects, rng)
-        rows.append((i, caption, rand, hard))
-    texts, regions = [], []
-    for i, caption, rand, hard in rows:
-        rs = source.region_set(i)
-        for t in (caption, rand, hard):
-            if t is not None:
-                texts.append(t if isinstance(t, str) else t.text)
-                regions.append(rs)
-    scores = iter(
-        pair_scores(
-            model, tokenizer, "match", texts, regions, batch_size, device, progress
-        ).tolist()
-    )
-    pos, rand_pairs, hard_pairs, kinds = [], [], [], []
-    for _, _, rand, hard in rows:
-        p = next(scores)
-        pos.append(p)
-        if rand is not None:
-            rand_pairs.append((p, next(scores)))
-        if hard is not None:
-            hard_pairs.append((p, next(scores)))
-            kinds.append(hard.kind)
-    out = {"random": _pairs(rand_pairs), "hard": _pairs(hard_pairs)}
-    by_kind = defaultdict(list)
-    for pair, kind in zip(hard_pairs, kinds, strict=True):
-        by_kind[kind].append(pair)
-    kinds = {k: _pairs(v) for k, v in sorted(by_kind.items())}
-    out["hard"]["by_kind"] = {k: m["accuracy"] for k, m in kinds.items()}
-    out["hard"]["ranking_by_kind"] = {k: m["ranking"] for k, m in kinds.items()}
-    out["positive_rate"] = float(np.mean(np.array(pos) > 0)) if pos else None
+    """Complete caption vs a random false caption and vs a hard negative, per image, with
+    the match logit as served (`match_logits`). Calibrated, "head" adds the pair
+    accuracies of the alignment head's logit alone."""
+    pairs = draw_match_pairs(source, max_images, seed)
+    common = dict(batch_size=batch_size, device=device, progress=progress)
+    if calibration is None:
+        head = pair_scores(model, tokenizer, "match", pairs.texts, pairs.regions, **common)
+        return match_report(head, pairs)
+    parts = match_pair_parts(model, tokenizer, pairs, **common)
+    out = match_report(calibration.logit(parts[:, 0], parts[:, 1]), pairs)
+    head = match_report(parts[:, 0], pairs)
+    out["head"] = {k: head[k]["accuracy"] for k in ("random", "hard")}
     return out
-
-
-def _pairs(pairs: list[tuple[float, float]]) -> dict:
-    if not pairs:
-        return {"accuracy": None, "ranking": None, "binary": None, "count": 0}
-    pos, neg = zip(*pairs, strict=True)
-    return match_accuracy(np.array(pos), np.array(neg))
 
 
 def _inventory(objects: list[dict]) -> tuple:
@@ -354,7 +404,7 @@ def load_model(store: ModelStore, manifest: Manifest, device: str = "cpu"):
     return model.to(device).eval(), tokenizer
 
 
-def _check_detector(manifest: Manifest, source: PairSource) -> None:
+def check_detector(manifest: Manifest, source: PairSource) -> None:
     made_by = source.features.meta.get("detector")
     if manifest.detector and made_by and made_by != manifest.detector:
         raise ValueError(
@@ -421,7 +471,7 @@ def run_eval(
     manifest = store.resolve(model_ref)
     model, tokenizer = load_model(store, manifest, device)
     source = PairSource.load(data_dir, features_dir, split)
-    _check_detector(manifest, source)
+    check_detector(manifest, source)
     common = dict(batch_size=batch_size, device=device, progress=progress)
     results: dict = {}
     for t in tasks:
@@ -434,7 +484,10 @@ def run_eval(
         elif t == "grounding":
             results["grounding"] = eval_grounding(model, tokenizer, source, **common)
         else:
-            results["match"] = eval_match(model, tokenizer, source, seed=seed, **common)
+            calibration = MatchCalibration.from_dict(manifest.match_calibration)
+            results["match"] = eval_match(
+                model, tokenizer, source, seed=seed, calibration=calibration, **common
+            )
     if easyvqa or (easyvqa is None and "vqa" in tasks and manifest.data.get("include_easyvqa")):
         results["easyvqa"] = eval_vqa(
             model, tokenizer, _answers(manifest), easyvqa_source(features_dir, "test"), **common
@@ -487,5 +540,5 @@ def write_report(
     if "history.json" in manifest.files:
         history = json.loads(store.file_path(manifest, "history.json").read_text())
         plot_training_curves(history, out_dir / "training_curves.png", title=manifest.ref)
-    store.update_metrics(manifest, flat_metrics(results, split))
+    store.update_manifest(manifest, flat_metrics(results, split))
     return report

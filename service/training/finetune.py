@@ -50,6 +50,7 @@ from service.data.language import ANSWERS
 from service.data.tokenizer import load_tokenizer
 from service.models.backbone import EMBED_TEMPERATURE, Batch, build_backbone
 from service.store import Manifest, ModelStore
+from service.training.calibrate import calibrate_model
 from service.training.entries import freeze_external, write_model_entry
 from service.training.evaluate import (
     easyvqa_source,
@@ -592,7 +593,13 @@ def run_finetune(
         "nce_temperature": NCE_TEMPERATURE,
     }
     metrics = {f"val/{k}": v for k, v in result.best_metrics.items()}
+    calibration = None
+    if evaluate is not None and task in ("match", "all"):
+        calibration = calibrate_model(
+            model.eval(), tokenizer, val_source, "val", seed, device=device, progress=progress
+        )
     meta = dict(
+        match_calibration=calibration,
         detector=detector,
         data=recipe,
         command=command,

@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from service.models.backbone import once_per_distinct_row
+from service.data.collate import RegionSet, collate
+from service.data.tokenizer import load_tokenizer
+from service.models.backbone import (
+    EMBED_TEMPERATURE,
+    MatchCalibration,
+    build_backbone,
+    match_logits,
+    match_parts,
+    once_per_distinct_row,
+)
+from tests.support import tiny_lxmert_config, tiny_vilbert_config
 
 
 def test_once_per_distinct_row_computes_each_distinct_row_once_and_gathers_back():
@@ -25,3 +36,25 @@ def test_once_per_distinct_row_passes_all_rows_when_none_repeats():
     seen = []
     out = once_per_distinct_row(lambda r: seen.append(len(r)) or r * 2, x)
     assert torch.equal(out, x * 2) and seen == [3]
+
+
+@pytest.mark.parametrize("kind", ["vilbert", "lxmert"])
+def test_match_logits_are_the_head_or_its_calibrated_sum_with_the_cosine(kind):
+    torch.manual_seed(0)
+    config = (tiny_vilbert_config if kind == "vilbert" else tiny_lxmert_config)(12)
+    model = build_backbone(kind, config).eval()
+    images = [RegionSet(torch.randn(n, 12), torch.rand(n, 4).sort(-1).values) for n in (3, 5)]
+    texts = ["a red circle", "two squares", "a blue triangle above a circle"]
+    batch = collate(texts, [images[0], images[1], images[0]], load_tokenizer())
+    with torch.no_grad():
+        head = model.match(batch)
+        text = model.embed_text(batch.input_ids, batch.attention_mask)
+        image = model.embed_image(batch.region_features, batch.region_boxes, batch.region_mask)
+        cosine = (text * image).sum(-1)
+        assert torch.equal(match_logits(model, batch, None), head)
+        got_head, got_cosine = match_parts(model, batch)  # images embedded once each
+        assert torch.allclose(got_head, head) and torch.allclose(got_cosine, cosine, atol=1e-6)
+        calibration = MatchCalibration.from_dict({"head": 0.5, "cosine": 2.0, "bias": -1.0})
+        expected = 0.5 * head + 2.0 * cosine / EMBED_TEMPERATURE - 1.0
+        assert torch.allclose(match_logits(model, batch, calibration), expected, atol=1e-5)
+    assert MatchCalibration.from_dict(None) is None

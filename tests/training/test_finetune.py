@@ -198,6 +198,7 @@ def test_vqa_finetune_learns_to_read_the_image(tmp_path):
     assert m.tasks == ["vqa"] and m.answers == list(ANSWERS) and m.detector == DETECTOR
     assert m.data["seed"] == 0 and m.data["label_fraction"] == 1.0 and m.data["init"] == "none"
     assert m.command == "vqa train finetune --task vqa"
+    assert m.match_calibration is None  # fitted only when matching is trained
     assert 0.0 <= m.metrics["val/vqa_accuracy"] <= 1.0
     # held out: better than answering each family's most common training answer
     results = run_eval(
@@ -318,6 +319,12 @@ def test_all_tasks_round_robin_lowers_every_loss(tmp_path):
         assert 0.0 <= m.metrics[f"val/{name}"] <= 1.0, name
     evals = [h for h in json.loads((m.path / "history.json").read_text()) if h["kind"] == "eval"]
     assert len(evals) == 5 and m.metrics["val/score"] == max(e["score"] for e in evals)
+    # the match calibration was fitted on every validation image, kept only if it helps
+    if m.match_calibration is not None:
+        fitted = m.match_calibration["fitted_on"]
+        assert fitted["split"] == "val" and fitted["images"] == 12
+        calibrated, head = fitted["accuracy"]["calibrated"], fitted["accuracy"]["head"]
+        assert sum(calibrated.values()) > sum(head.values())
     # the manifest alone rebuilds the trained model
     store = ModelStore(tmp_path / "store")
     rebuilt = build_backbone(m.kind, m.config)

@@ -1,0 +1,126 @@
+"""`vqa train calibrate`: fit how the served match logit combines the alignment head
+with the dual embeddings' cosine, on validation pairs.
+
+The alignment head alone calls most near-duplicate captions (one colour or relation
+changed) a match; the single-modality embeddings tell many of them apart. A logistic
+regression on (head logit, cosine / T) over `eval_match`'s pairs of the validation
+split, then the decision threshold that maximises the random- plus hard-negative pair
+accuracy there, folded into the bias (`MatchCalibration`). Kept only when it beats the
+head alone on that split; fine-tuning for matching fits it as its last step.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from service.models.backbone import EMBED_TEMPERATURE, MatchCalibration
+from service.store import Manifest, ModelStore
+from service.training.evaluate import (
+    MatchPairs,
+    check_detector,
+    draw_match_pairs,
+    load_model,
+    match_pair_parts,
+    match_report,
+)
+from service.training.examples import PairSource
+
+
+def fit_logistic(x: Tensor, y: Tensor, l2: float = 1e-4) -> tuple[Tensor, float]:
+    """Weights (D,) and bias of a logistic regression of labels y (N,) on x (N, D)."""
+    x, y = x.double(), y.double()
+    mean, std = x.mean(0), x.std(0).clamp(min=1e-12)
+    z = (x - mean) / std  # standardised: LBFGS converges in a few steps
+    w = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    b = torch.zeros((), dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
+
+    def loss() -> Tensor:
+        opt.zero_grad()
+        value = torch.nn.functional.binary_cross_entropy_with_logits(z @ w + b, y)
+        value = value + l2 * (w**2).sum()
+        value.backward()
+        return value
+
+    opt.step(loss)
+    weights = (w / std).detach()
+    return weights, float(b.detach() - (weights * mean).sum())
+
+
+def pair_accuracies(scores: Tensor, pairs: MatchPairs, threshold: float = 0.0) -> dict:
+    report = match_report(scores, pairs, threshold)
+    return {k: report[k]["accuracy"] for k in ("random", "hard")}
+
+
+def best_threshold(scores: Tensor, pairs: MatchPairs) -> float:
+    """The threshold (among the scores' quantiles) with the best random + hard accuracy."""
+    candidates = np.quantile(scores.numpy(), np.linspace(0.01, 0.99, 197))
+    return float(
+        max(
+            candidates,
+            key=lambda t: sum(v or 0.0 for v in pair_accuracies(scores, pairs, t).values()),
+        )
+    )
+
+
+def fit_match_calibration(parts: Tensor, pairs: MatchPairs) -> tuple[MatchCalibration, dict]:
+    """The calibration fitted on `parts` ((N, 2): head logit, cosine, `match_pair_parts`)
+    and the pair accuracies with and without it."""
+    head, cosine = parts[:, 0], parts[:, 1]
+    labels = torch.zeros(len(head))
+    labels[pairs.positives] = 1.0
+    (w_head, w_cosine), bias = fit_logistic(
+        torch.stack([head, cosine / EMBED_TEMPERATURE], 1), labels
+    )
+    fitted = MatchCalibration(float(w_head), float(w_cosine), bias)
+    threshold = best_threshold(fitted.logit(head, cosine), pairs)
+    calibration = MatchCalibration(fitted.head, fitted.cosine, bias - threshold)
+    accuracy = {
+        "head": pair_accuracies(head, pairs),
+        "calibrated": pair_accuracies(calibration.logit(head, cosine), pairs),
+    }
+    return calibration, accuracy
+
+
+def calibrate_model(
+    model, tokenizer, source: PairSource, split: str, seed: int = 0, **common
+) -> dict | None:
+    """The manifest's `match_calibration` for an eval-mode model, fitted on every image
+    of `source` (the `split` named); None when it does not beat the head alone there."""
+    pairs = draw_match_pairs(source, None, seed)
+    parts = match_pair_parts(model, tokenizer, pairs, **common)
+    calibration, accuracy = fit_match_calibration(parts, pairs)
+    gain = sum(v or 0.0 for v in accuracy["calibrated"].values())
+    if gain <= sum(v or 0.0 for v in accuracy["head"].values()):
+        return None
+    fitted_on = {"split": split, "images": len(pairs.positives), "seed": seed, "accuracy": accuracy}
+    return {**vars(calibration), "fitted_on": fitted_on}
+
+
+def run_calibrate(
+    model_ref: str,
+    store_root: str | Path,
+    features_dir: str | Path,
+    data_dir: str | Path,
+    split: str = "val",
+    seed: int = 0,
+    device: str = "cpu",
+    progress: bool = True,
+) -> Manifest:
+    """Fit `model_ref`'s match calibration on `split` and set it in its manifest (None
+    when the head alone does better there); returns the updated manifest."""
+    if split == "test":
+        raise ValueError("fit the calibration on a split the test metrics do not come from")
+    store = ModelStore(store_root)
+    manifest = store.resolve(model_ref)
+    model, tokenizer = load_model(store, manifest, device)
+    source = PairSource.load(data_dir, features_dir, split)
+    check_detector(manifest, source)
+    calibration = calibrate_model(
+        model, tokenizer, source, split, seed, device=device, progress=progress
+    )
+    return store.update_manifest(manifest, match_calibration=calibration)

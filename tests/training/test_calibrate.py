@@ -1,0 +1,89 @@
+"""The match calibration: its fit on hand-made pairs, and fit -> manifest -> eval."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from service.store import ModelStore
+from service.training.calibrate import fit_logistic, fit_match_calibration, run_calibrate
+from service.training.evaluate import MatchPairs, run_eval
+from tests.training.pretrain_support import write_tiny_split
+from tests.training.test_evaluate import _entry
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def test_fit_logistic_recovers_the_weights_that_drew_the_labels():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(20000, 2, generator=g) * torch.tensor([3.0, 1.0]) + torch.tensor([1.0, 0.2])
+    true_w, true_b = torch.tensor([0.8, -2.0]), 0.5
+    y = (torch.rand(20000, generator=g) < torch.sigmoid(x @ true_w + true_b)).float()
+    w, b = fit_logistic(x, y)
+    assert torch.allclose(w.float(), true_w, atol=0.08) and b == pytest.approx(true_b, abs=0.15)
+
+
+def _pairs(n: int) -> MatchPairs:
+    """n images, each: caption (0), random negative (1), hard negative (2)."""
+    pairs = MatchPairs()
+    for i in range(n):
+        p = 3 * i
+        pairs.texts += ["caption", "random", "hard"]
+        pairs.positives.append(p)
+        pairs.random.append((p, p + 1))
+        pairs.hard.append((p, p + 2))
+        pairs.kinds.append("color")
+    return pairs
+
+
+def test_calibration_adds_the_cosine_where_the_head_calls_hard_negatives_matches():
+    """The head says match to captions and hard negatives alike (logit +2 vs +1.5) and
+    rejects random ones; the cosine is high for the caption only. Alone the head gets
+    every hard pair wrong; the fitted combination and its threshold get all right."""
+    n = 40
+    g = torch.Generator().manual_seed(1)
+    noise = 0.05 * torch.randn(3 * n, 2, generator=g)
+    per_text = torch.tensor([[2.0, 0.6], [-3.0, 0.1], [1.5, 0.3]]).repeat(n, 1)
+    parts = per_text + noise  # (3n, 2): head logit, cosine
+    calibration, accuracy = fit_match_calibration(parts, _pairs(n))
+    assert accuracy["head"] == {"random": 1.0, "hard": 0.0}
+    assert accuracy["calibrated"] == {"random": 1.0, "hard": 1.0}
+    assert calibration.cosine > 0
+    logit = calibration.logit(parts[:, 0], parts[:, 1]).view(n, 3)
+    assert (logit[:, 0] > 0).all() and (logit[:, 1:] < 0).all()  # the threshold is in the bias
+
+
+def test_fit_is_written_to_the_manifest_and_is_what_eval_uses(tmp_path):
+    """A model whose head calls every caption a match: 0% of pairs right. The calibration
+    fitted on val adds the embeddings' cosine; evaluated on the same split with the
+    manifest's calibration, eval_match reproduces the fit's own accuracy."""
+    data, features = write_tiny_split(tmp_path, "val", n=24)
+    store = ModelStore(tmp_path / "store")
+    m = _entry(store, "lxmert")
+    with pytest.raises(ValueError, match="test"):
+        run_calibrate(m.ref, store.root, features, data, split="test", progress=False)
+
+    updated = run_calibrate(m.ref, store.root, features, data, split="val", progress=False)
+    calibration = updated.match_calibration
+    assert calibration is not None and set(calibration) == {"head", "cosine", "bias", "fitted_on"}
+    fitted = calibration["fitted_on"]
+    assert fitted["split"] == "val" and fitted["images"] == 24 and fitted["seed"] == 0
+    assert fitted["accuracy"]["head"] == {"random": 0.0, "hard": 0.0}
+    assert store.resolve(m.ref).match_calibration == calibration
+    store.verify(updated)  # the weights are untouched
+
+    results = run_eval(
+        m.ref,
+        store.root,
+        "match",
+        features,
+        data,
+        split="val",
+        out_dir=tmp_path / "out",
+        progress=False,
+    )
+    match = results["match"]
+    assert match["head"] == {"random": 0.0, "hard": 0.0}
+    for neg in ("random", "hard"):
+        assert match[neg]["accuracy"] == fitted["accuracy"]["calibrated"][neg]
+    assert store.resolve(m.ref).metrics["val/match/head/hard"] == 0.0
