@@ -11,6 +11,7 @@ head alone on that split; fine-tuning for matching fits it as its last step.
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -56,15 +57,15 @@ def pair_accuracies(scores: Tensor, pairs: MatchPairs, threshold: float = 0.0) -
     return {k: report[k]["accuracy"] for k in ("random", "hard")}
 
 
+def _total(accuracies: dict) -> float:
+    """Random- plus hard-negative pair accuracy: what the fit maximises."""
+    return sum(v or 0.0 for v in accuracies.values())
+
+
 def best_threshold(scores: Tensor, pairs: MatchPairs) -> float:
     """The threshold (among the scores' quantiles) with the best random + hard accuracy."""
     candidates = np.quantile(scores.numpy(), np.linspace(0.01, 0.99, 197))
-    return float(
-        max(
-            candidates,
-            key=lambda t: sum(v or 0.0 for v in pair_accuracies(scores, pairs, t).values()),
-        )
-    )
+    return float(max(candidates, key=lambda t: _total(pair_accuracies(scores, pairs, t))))
 
 
 def fit_match_calibration(parts: Tensor, pairs: MatchPairs) -> tuple[MatchCalibration, dict]:
@@ -92,13 +93,14 @@ def calibrate_model(
     """The manifest's `match_calibration` for an eval-mode model, fitted on every image
     of `source` (the `split` named); None when it does not beat the head alone there."""
     pairs = draw_match_pairs(source, None, seed)
+    if not pairs.random and not pairs.hard:
+        return None  # nothing to fit on
     parts = match_pair_parts(model, tokenizer, pairs, **common)
     calibration, accuracy = fit_match_calibration(parts, pairs)
-    gain = sum(v or 0.0 for v in accuracy["calibrated"].values())
-    if gain <= sum(v or 0.0 for v in accuracy["head"].values()):
+    if _total(accuracy["calibrated"]) <= _total(accuracy["head"]):
         return None
     fitted_on = {"split": split, "images": len(pairs.positives), "seed": seed, "accuracy": accuracy}
-    return {**vars(calibration), "fitted_on": fitted_on}
+    return {**asdict(calibration), "fitted_on": fitted_on}
 
 
 def run_calibrate(

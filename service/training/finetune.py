@@ -522,6 +522,8 @@ def run_finetune(
     of the VQA training images. checkpoint_dir makes the run resumable. The entry holds
     history.json (the loop's per-step history) for `run_eval`'s training curves. `mix`
     weights objectives, VQA sources and families, and hard-negative kinds (`Mix.parse`).
+    For "match" and "all", the match calibration is fitted on the whole validation split
+    last (`calibrate.calibrate_model`) and kept in the manifest when it helps.
     """
     mix = Mix.parse(mix)
     if task not in TASKS:
