@@ -37,20 +37,23 @@ def _pairs(n: int) -> MatchPairs:
 
 
 def test_calibration_adds_the_cosine_where_the_head_calls_hard_negatives_matches():
-    """The head says match to captions and hard negatives alike (logit +2 vs +1.5) and
-    rejects random ones; the cosine is high for the caption only. Alone the head gets
-    every hard pair wrong; the fitted combination and its threshold get all right."""
+    """The head says match to captions, partial captions and hard negatives alike (logit
+    +2, +2, +1.5) and rejects random ones; the cosine is highest for the complete caption,
+    lower for a partial one, lower still for the hard negative. Alone the head gets every
+    hard pair wrong; the fitted combination and its threshold get all right and still
+    call every partial caption a match."""
     n = 40
     g = torch.Generator().manual_seed(1)
-    noise = 0.05 * torch.randn(3 * n, 2, generator=g)
     per_text = torch.tensor([[2.0, 0.6], [-3.0, 0.1], [1.5, 0.3]]).repeat(n, 1)
-    parts = per_text + noise  # (3n, 2): head logit, cosine
-    calibration, accuracy = fit_match_calibration(parts, _pairs(n))
-    assert accuracy["head"] == {"random": 1.0, "hard": 0.0}
-    assert accuracy["calibrated"] == {"random": 1.0, "hard": 1.0}
+    parts = per_text + 0.05 * torch.randn(3 * n, 2, generator=g)  # head logit, cosine
+    partial = torch.tensor([[2.0, 0.45]]) + 0.05 * torch.randn(n, 2, generator=g)
+    calibration, accuracy = fit_match_calibration(parts, _pairs(n), partial)
+    assert accuracy["head"] == {"random": 1.0, "hard": 0.0, "partial": 1.0}
+    assert accuracy["calibrated"] == {"random": 1.0, "hard": 1.0, "partial": 1.0}
     assert calibration.cosine > 0
     logit = calibration.logit(parts[:, 0], parts[:, 1]).view(n, 3)
     assert (logit[:, 0] > 0).all() and (logit[:, 1:] < 0).all()  # the threshold is in the bias
+    assert (calibration.logit(partial[:, 0], partial[:, 1]) > 0).all()
 
 
 def test_fit_is_written_to_the_manifest_and_is_what_eval_uses(tmp_path):
@@ -68,7 +71,7 @@ def test_fit_is_written_to_the_manifest_and_is_what_eval_uses(tmp_path):
     assert calibration is not None and set(calibration) == {"head", "cosine", "bias", "fitted_on"}
     fitted = calibration["fitted_on"]
     assert fitted["split"] == "val" and fitted["images"] == 24 and fitted["seed"] == 0
-    assert fitted["accuracy"]["head"] == {"random": 0.0, "hard": 0.0}
+    assert fitted["accuracy"]["head"] == {"random": 0.0, "hard": 0.0, "partial": 1.0}
     assert store.resolve(m.ref).match_calibration == calibration
     store.verify(updated)  # the weights are untouched
 
