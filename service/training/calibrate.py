@@ -64,9 +64,9 @@ def accuracies(scores: Tensor, pairs: MatchPairs, partial: Tensor, threshold: fl
     return out
 
 
-def _total(accuracies: dict) -> float:
+def _total(measured: dict) -> float:
     """What the fit maximises: the sum of `accuracies`."""
-    return sum(v or 0.0 for v in accuracies.values())
+    return sum(v or 0.0 for v in measured.values())
 
 
 def best_threshold(scores: Tensor, pairs: MatchPairs, partial: Tensor) -> float:
@@ -75,12 +75,12 @@ def best_threshold(scores: Tensor, pairs: MatchPairs, partial: Tensor) -> float:
     return float(max(candidates, key=lambda t: _total(accuracies(scores, pairs, partial, t))))
 
 
-def partial_captions(source: PairSource, images: int | None = None, seed: int = 0) -> MatchPairs:
+def partial_captions(source: PairSource, seed: int = 0) -> MatchPairs:
     """One true caption other than the complete one per image ("a blue circle left of a
     yellow circle"): the fit must keep calling these matches, as the head does."""
     rng = np.random.default_rng(seed)
     pairs = MatchPairs()
-    for i in range(len(source) if images is None else min(images, len(source))):
+    for i in range(len(source)):
         others = source.captions(i)[1:]
         if others:
             pairs.add(others[int(rng.integers(len(others)))], source.region_set(i))
@@ -126,9 +126,10 @@ def calibrate_model(
     if not pairs.random and not pairs.hard:
         return None  # nothing to fit on
     parts = match_pair_parts(model, tokenizer, pairs, **common)
-    others = partial_captions(source, None, seed)
-    partial = match_pair_parts(model, tokenizer, others, **common) if others.texts else None
-    if partial is None:
+    others = partial_captions(source, seed)
+    if others.texts:
+        partial = match_pair_parts(model, tokenizer, others, **common)
+    else:
         partial = parts.new_zeros((0, 2))
     calibration, accuracy = fit_match_calibration(parts, pairs, partial)
     if _total(accuracy["calibrated"]) <= _total(accuracy["head"]):
