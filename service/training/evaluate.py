@@ -21,6 +21,8 @@ ahead by the detector (as LXMERT's evaluation did):
   match      each image with its complete caption (positive) against one false caption
              (negative): a random one (another image's caption, checked false) and a hard
              one (one attribute, count or relation changed); see `metrics.match_accuracy`.
+             "partial_positive_rate": the share of the images' other, partial captions
+             (true too: "three shapes on a pastel background") called a match.
              Scored with the match logit as served: calibrated when the manifest holds a
              `match_calibration` (`service.training.calibrate`), the head's otherwise.
 
@@ -221,12 +223,14 @@ def eval_grounding(
 class MatchPairs:
     """eval_match's draw: each image's complete caption, paired with a random other
     image's caption (checked false) and with a hard negative (one attribute, count or
-    relation changed), where one exists. texts[k] is read on regions[k]; pairs hold
+    relation changed), where one exists; and one of its other, partial captions (true,
+    "a blue circle left of a yellow circle"). texts[k] is read on regions[k]; pairs hold
     (positive index, negative index) into them."""
 
     texts: list[str] = field(default_factory=list)
     regions: list[RegionSet] = field(default_factory=list)
     positives: list[int] = field(default_factory=list)
+    partial: list[int] = field(default_factory=list)  # true partial captions
     random: list[tuple[int, int]] = field(default_factory=list)
     hard: list[tuple[int, int]] = field(default_factory=list)
     kinds: list[str] = field(default_factory=list)  # each hard pair's kind of change
@@ -241,20 +245,24 @@ def draw_match_pairs(
     source: PairSource, max_images: int | None = None, seed: int = 0
 ) -> MatchPairs:
     rng = np.random.default_rng(seed)
+    partial_rng = np.random.default_rng([seed, 1])  # the negatives' draws stay as they were
     images = _images(source, max_images, source.captions)
     pool = [source.captions(i)[0] for i in images]  # other images' complete captions
     pairs = MatchPairs()
     for i in images:
-        caption, objects, rs = source.captions(i)[0], source.objects(i), source.region_set(i)
+        captions, objects, rs = source.captions(i), source.objects(i), source.region_set(i)
         rand = random_negative(objects, pool, rng)
-        hard = sample_hard_negative(caption, objects, rng)
-        p = pairs.add(caption, rs)
+        hard = sample_hard_negative(captions[0], objects, rng)
+        p = pairs.add(captions[0], rs)
         pairs.positives.append(p)
         if rand is not None:
             pairs.random.append((p, pairs.add(rand.text, rs)))
         if hard is not None:
             pairs.hard.append((p, pairs.add(hard.text, rs)))
             pairs.kinds.append(hard.kind)
+        if len(captions) > 1:
+            other = captions[1 + int(partial_rng.integers(len(captions) - 1))]
+            pairs.partial.append(pairs.add(other, rs))
     return pairs
 
 
@@ -284,8 +292,11 @@ def match_report(scores: Tensor, pairs: MatchPairs, threshold: float = 0.0) -> d
     kinds = {k: judged(v) for k, v in sorted(by_kind.items())}
     out["hard"]["by_kind"] = {k: m["accuracy"] for k, m in kinds.items()}
     out["hard"]["ranking_by_kind"] = {k: m["ranking"] for k, m in kinds.items()}
-    positive = score[pairs.positives]
-    out["positive_rate"] = float(np.mean(positive > threshold)) if len(positive) else None
+    for key, which in (
+        ("positive_rate", pairs.positives),
+        ("partial_positive_rate", pairs.partial),
+    ):
+        out[key] = float(np.mean(score[which] > threshold)) if which else None
     return out
 
 

@@ -24,15 +24,16 @@ def test_fit_logistic_recovers_the_weights_that_drew_the_labels():
 
 
 def _pairs(n: int) -> MatchPairs:
-    """n images, each: caption (0), random negative (1), hard negative (2)."""
+    """n images, each: caption (0), random negative (1), hard negative (2), partial (3)."""
     pairs = MatchPairs()
     for i in range(n):
-        p = 3 * i
-        pairs.texts += ["caption", "random", "hard"]
+        p = 4 * i
+        pairs.texts += ["caption", "random", "hard", "partial"]
         pairs.positives.append(p)
         pairs.random.append((p, p + 1))
         pairs.hard.append((p, p + 2))
         pairs.kinds.append("color")
+        pairs.partial.append(p + 3)
     return pairs
 
 
@@ -44,16 +45,14 @@ def test_calibration_adds_the_cosine_where_the_head_calls_hard_negatives_matches
     call every partial caption a match."""
     n = 40
     g = torch.Generator().manual_seed(1)
-    per_text = torch.tensor([[2.0, 0.6], [-3.0, 0.1], [1.5, 0.3]]).repeat(n, 1)
-    parts = per_text + 0.05 * torch.randn(3 * n, 2, generator=g)  # head logit, cosine
-    partial = torch.tensor([[2.0, 0.45]]) + 0.05 * torch.randn(n, 2, generator=g)
-    calibration, accuracy = fit_match_calibration(parts, _pairs(n), partial)
+    per_text = torch.tensor([[2.0, 0.6], [-3.0, 0.1], [1.5, 0.3], [2.0, 0.45]]).repeat(n, 1)
+    parts = per_text + 0.05 * torch.randn(4 * n, 2, generator=g)  # head logit, cosine
+    calibration, accuracy = fit_match_calibration(parts, _pairs(n))
     assert accuracy["head"] == {"random": 1.0, "hard": 0.0, "partial": 1.0}
     assert accuracy["calibrated"] == {"random": 1.0, "hard": 1.0, "partial": 1.0}
     assert calibration.cosine > 0
-    logit = calibration.logit(parts[:, 0], parts[:, 1]).view(n, 3)
-    assert (logit[:, 0] > 0).all() and (logit[:, 1:] < 0).all()  # the threshold is in the bias
-    assert (calibration.logit(partial[:, 0], partial[:, 1]) > 0).all()
+    logit = calibration.logit(parts[:, 0], parts[:, 1]).view(n, 4)
+    assert (logit[:, [0, 3]] > 0).all() and (logit[:, 1:3] < 0).all()  # threshold in the bias
 
 
 def test_fit_is_written_to_the_manifest_and_is_what_eval_uses(tmp_path):

@@ -103,7 +103,7 @@ def test_every_metric_of_a_model_with_known_answers(tmp_path, split, kind):
     assert results["grounding"]["upper_bound"] == 1.0  # every object has its region
 
     match = results["match"]  # every caption is a match: no pair is right
-    assert match["positive_rate"] == 1.0
+    assert match["positive_rate"] == 1.0 and match["partial_positive_rate"] == 1.0
     for neg in ("random", "hard"):
         assert match[neg]["count"] == len(records)
         assert match[neg]["accuracy"] == 0.0 and match[neg]["ranking"] == 0.0
