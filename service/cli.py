@@ -144,6 +144,7 @@ def _train_finetune(args: argparse.Namespace) -> None:
         label_fraction=args.label_fraction,
         include_easyvqa=args.include_easyvqa,
         mix=mix,
+        config_overrides=json.loads(args.config) if args.config else None,
         **_training_kwargs(args),
     )
     print(f"wrote {m.ref} to {m.path}")
@@ -356,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     fine.add_argument("--include-easyvqa", action="store_true")
     fine.add_argument(
         "--mix", default=None, help="weights of objectives, VQA families, ... (JSON or file)"
+    )
+    fine.add_argument(
+        "--config", default=None, help='backbone config overrides as JSON: {"word_check": true}'
     )
     _add_training_args(fine, steps=2000, lr=5e-5)
     fine.set_defaults(func=_train_finetune)

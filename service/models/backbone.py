@@ -71,6 +71,10 @@ class VisionLanguageModel(Protocol):
     def match(self, batch: Batch) -> Tensor:
         """Alignment logit that the text describes the image: (B,)."""
 
+    def match_words(self, batch: Batch) -> tuple[Tensor, Tensor | None]:
+        """(alignment head logit (B,), per-token "this word is false of the image" logits
+        (B, T), or None when the config has no word check): the parts of `match`."""
+
     def ground(self, batch: Batch) -> Tensor:
         """Per-region logits (B, R); padded regions hold the dtype's most negative value."""
 
@@ -90,6 +94,23 @@ def two_stage_scores(cosine: Tensor, match_logits: Tensor, weight: float = RERAN
     The head alone ranks near-duplicates (a changed relation or count) worse than the
     embeddings do; as a veto on top of them it lifts R@1 (docs/experiments/rerank.md)."""
     return cosine / EMBED_TEMPERATURE + weight * F.logsigmoid(match_logits)
+
+
+# The word check's starting bias: a fresh check calls no word false (sigmoid(-4) = 0.018),
+# so that adding it to a trained model leaves its match logits as they were at first.
+WORD_CHECK_PRIOR = -4.0
+
+
+def word_checked(head: Tensor, words: Tensor | None, attention_mask: Tensor) -> Tensor:
+    """The match logit (B,) from the alignment head's logit (B,) and the word check's
+    per-token logits (B, T): a text matches when the head says so and no word of it is
+    false, min(head, -max over tokens). A caption is false when any one of its words is,
+    which the pooled head alone reads poorly in long captions; the word check makes that
+    "any" explicit. No word check: the head alone."""
+    if words is None:
+        return head
+    words = words.masked_fill(attention_mask == 0, torch.finfo(words.dtype).min)
+    return torch.minimum(head, -words.max(dim=1).values)
 
 
 def masked_mean(x: Tensor, mask: Tensor) -> Tensor:

@@ -37,7 +37,13 @@ from transformers.models.lxmert.modeling_lxmert import (
     LxmertVisualObjHead,
 )
 
-from service.models.backbone import Batch, masked_mean, once_per_distinct_row
+from service.models.backbone import (
+    WORD_CHECK_PRIOR,
+    Batch,
+    masked_mean,
+    once_per_distinct_row,
+    word_checked,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +63,9 @@ HEAD_UNITS = (
     "extra_heads.text_proj",
     "extra_heads.image_proj",
 )
+
+
+OUR_FIELDS = ("embed_dim", "word_check")  # config fields no Hugging Face config has
 
 
 @dataclass
@@ -81,6 +90,7 @@ class LxmertBackboneConfig:
     num_object_labels: int = 1600
     num_attr_labels: int = 400
     embed_dim: int = 256
+    word_check: bool = False  # ours: per-token "false of the image" head (`match_words`)
     hidden_dropout_prob: float = 0.1
     attention_probs_dropout_prob: float = 0.1
     max_position_embeddings: int = 512
@@ -91,12 +101,13 @@ class LxmertBackboneConfig:
     def to_hf(self) -> LxmertConfig:
         """The transformers config for the encoder and the Hugging Face heads."""
         fields = asdict(self)
-        fields.pop("embed_dim")
+        for ours in OUR_FIELDS:
+            fields.pop(ours)
         return LxmertConfig(**fields)
 
     @classmethod
     def from_hf(cls, hf: LxmertConfig, embed_dim: int | None = None) -> LxmertBackboneConfig:
-        names = [f for f in cls.__dataclass_fields__ if f != "embed_dim"]
+        names = [f for f in cls.__dataclass_fields__ if f not in OUR_FIELDS]
         config = cls(**{name: getattr(hf, name) for name in names})
         if embed_dim is not None:
             config.embed_dim = embed_dim
@@ -130,13 +141,16 @@ class LxmertPretrainingHeads(nn.Module):
 
 
 class LxmertExtraHeads(nn.Module):
-    """Our heads, in no Hugging Face checkpoint: grounding and dual-encoder projections."""
+    """Our heads, in no Hugging Face checkpoint: grounding, dual-encoder projections and,
+    when configured, the word check."""
 
-    def __init__(self, hidden_size: int, embed_dim: int):
+    def __init__(self, hidden_size: int, embed_dim: int, word_check: bool = False):
         super().__init__()
         self.grounding = nn.Linear(hidden_size, 1)  # per-region logit on vision_output
         self.text_proj = nn.Linear(hidden_size, embed_dim)
         self.image_proj = nn.Linear(hidden_size, embed_dim)
+        # per-token logit on language_output: the word is false of the image
+        self.word_check = nn.Linear(hidden_size, 1) if word_check else None
 
 
 class LxmertBackbone(nn.Module):
@@ -152,9 +166,11 @@ class LxmertBackbone(nn.Module):
         self.cls = LxmertPretrainingHeads(hf)
         self.obj_predict_head = LxmertVisualObjHead(hf)  # obj, attr, feat decoders
         self.answer_head = LxmertVisualAnswerHead(hf, config.num_qa_labels)
-        self.extra_heads = LxmertExtraHeads(config.hidden_size, config.embed_dim)
+        self.extra_heads = LxmertExtraHeads(config.hidden_size, config.embed_dim, config.word_check)
         for head in (self.cls, self.obj_predict_head, self.answer_head, self.extra_heads):
             head.apply(self._init_head)
+        if self.extra_heads.word_check is not None:
+            nn.init.constant_(self.extra_heads.word_check.bias, WORD_CHECK_PRIOR)
         self.fresh_heads: tuple[str, ...] = ()  # set by from_pretrained_folder
 
     def _init_head(self, module: nn.Module) -> None:
@@ -221,13 +237,21 @@ class LxmertBackbone(nn.Module):
         return self.answer_head(self.encode(batch)[2])
 
     def match(self, batch: Batch) -> Tensor:
-        """Logit that the text matches the image: (B,).
+        """Logit that the text matches the image: (B,); with a word check, also that no
+        word of it is false (`backbone.word_checked`).
 
         transformers' `cross_relationship_score` is 2-way with index 1 = matched
         (`matched_label` 1), so P(match) = softmax(s)[1] = sigmoid(s1 - s0).
         """
-        s = self.cls.seq_relationship(self.encode(batch)[2])  # (B, 2)
-        return s[:, 1] - s[:, 0]
+        return word_checked(*self.match_words(batch), batch.attention_mask)
+
+    def match_words(self, batch: Batch) -> tuple[Tensor, Tensor | None]:
+        """(head logit (B,), word-check logits (B, T) or None): see `match`."""
+        lang, _, pooled = self.encode(batch)
+        s = self.cls.seq_relationship(pooled)  # (B, 2)
+        check = self.extra_heads.word_check
+        words = None if check is None else check(lang).squeeze(-1)
+        return s[:, 1] - s[:, 0], words
 
     def ground(self, batch: Batch) -> Tensor:
         """Per-region logits (B, R); padded regions get the dtype's most negative value.

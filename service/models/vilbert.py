@@ -26,7 +26,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from service.models.backbone import Batch, masked_mean, once_per_distinct_row
+from service.models.backbone import (
+    WORD_CHECK_PRIOR,
+    Batch,
+    masked_mean,
+    once_per_distinct_row,
+    word_checked,
+)
 
 MASK_VALUE = -10000.0  # added to attention scores of padded keys, as the released code does
 IMG_LOCATION = (0.0, 0.0, 1.0, 1.0, 1.0)  # the IMG token covers the whole image
@@ -80,6 +86,8 @@ class ViLBertConfig:
     )
     # ours: width of the single-modality embeddings for gallery search
     embed_dim: int = 256
+    # ours: `match` also asks the per-token head (token_head) which words are false
+    word_check: bool = False
     initializer_range: float = 0.02
     layer_norm_eps: float = 1e-12
 
@@ -361,6 +369,8 @@ class ViLBertModel(nn.Module):
         self.dual = DualEncoderHeads(c)
         self.dropout = nn.Dropout(c.head_dropout_prob)
         self.apply(self._init_weights)
+        if c.word_check:
+            nn.init.constant_(self.token_head.bias, WORD_CHECK_PRIOR)
 
     def _init_weights(self, module: nn.Module) -> None:
         # the released BertPreTrainedModel.init_weights
@@ -540,10 +550,20 @@ class ViLBertModel(nn.Module):
         """Alignment logit (B,): log-odds that the text describes the image.
 
         From the pretraining alignment head, whose index 0 is "matched" (the released
-        data loaders label a true caption 0 and a random one 1).
+        data loaders label a true caption 0 and a random one 1); with a word check, also
+        that no word of the text is false (`backbone.word_checked`).
         """
-        scores = self.align_head(self.fuse(self.encode(batch, self._task("match"))))
-        return scores[:, 0] - scores[:, 1]
+        return word_checked(*self.match_words(batch), batch.attention_mask)
+
+    def match_words(self, batch: Batch) -> tuple[Tensor, Tensor | None]:
+        """(alignment logit (B,), word-check logits (B, T) from `token_head`, or None
+        when the config has no word check): see `match`."""
+        enc = self.encode(batch, self._task("match"))
+        scores = self.align_head(self.fuse(enc))
+        words = None
+        if self.config.word_check:
+            words = self.token_head(self.dropout(enc["sequence_output_t"])).squeeze(-1)
+        return scores[:, 0] - scores[:, 1], words
 
     def ground(self, batch: Batch) -> Tensor:
         """Per-region logits (B, R) for the R regions (IMG token excluded).

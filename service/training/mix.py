@@ -10,11 +10,13 @@ shifts the training signal toward weak spots without changing the data, e.g.
      "vqa_families": {"count": 3, "relation": 3},
      "vqa_answers": {"4": 2, "5": 3},
      "hard_kinds": {"relation": 3, "color": 2, "size": 2},
-     "align_rank": 1.0, "hard_share": 0.75}
+     "align_rank": 1.0, "word_check": 1.0, "hard_share": 0.75}
 
 Objective weights are whole numbers of steps per cycle; the other weights are relative
 (names left out weigh 1). `align_rank` weighs a ranking loss that sets each true caption
-against its one-change twin when that is the false caption paired with it (0: off).
+against its one-change twin when that is the false caption paired with it (0: off);
+`word_check` a per-token loss on the same pairs, the twin's changed words false and every
+word of a true caption not (0: off; needs a model whose config has `word_check`).
 `complete_share` (of true captions, the complete one rather than a partial one) and
 `hard_share` (of false captions, a one-change twin rather than another image's caption)
 override the alignment objectives' defaults (finetune.ALIGN_MIX). Every mix is recorded in
@@ -32,7 +34,8 @@ import numpy as np
 
 WEIGHT_FIELDS = ("objectives", "vqa_sources", "vqa_families", "vqa_answers", "hard_kinds")
 SHARE_FIELDS = ("complete_share", "hard_share")
-MIX_FIELDS = (*WEIGHT_FIELDS, "align_rank", *SHARE_FIELDS)
+LOSS_WEIGHTS = ("align_rank", "word_check")
+MIX_FIELDS = (*WEIGHT_FIELDS, *LOSS_WEIGHTS, *SHARE_FIELDS)
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,7 @@ class Mix:
     vqa_answers: dict[str, float] = field(default_factory=dict)  # by gold answer, e.g. "5"
     hard_kinds: dict[str, float] = field(default_factory=dict)
     align_rank: float = 0.0
+    word_check: float = 0.0
     complete_share: float | None = None  # None: the objective's default
     hard_share: float | None = None
 
@@ -51,8 +55,10 @@ class Mix:
             share = getattr(self, name)
             if share is not None and (not isinstance(share, int | float) or not 0 <= share <= 1):
                 raise ValueError(f"mix {name} must be a fraction in [0, 1], not {share!r}")
-        if not isinstance(self.align_rank, int | float) or self.align_rank < 0:
-            raise ValueError(f"mix align_rank must be a weight >= 0, not {self.align_rank!r}")
+        for name in LOSS_WEIGHTS:
+            w = getattr(self, name)
+            if not isinstance(w, int | float) or w < 0:
+                raise ValueError(f"mix {name} must be a weight >= 0, not {w!r}")
         for name in WEIGHT_FIELDS:
             for key, w in getattr(self, name).items():
                 if not isinstance(w, int | float) or w < 0:

@@ -14,6 +14,7 @@ from service.models.backbone import (
     match_logits,
     match_parts,
     once_per_distinct_row,
+    word_checked,
 )
 from tests.support import tiny_lxmert_config, tiny_vilbert_config
 
@@ -58,3 +59,39 @@ def test_match_logits_are_the_head_or_its_calibrated_sum_with_the_cosine(kind):
         expected = 0.5 * head + 2.0 * cosine / EMBED_TEMPERATURE - 1.0
         assert torch.allclose(match_logits(model, batch, calibration), expected, atol=1e-5)
     assert MatchCalibration.from_dict(None) is None
+
+
+def test_word_checked_is_the_head_unless_a_word_of_the_text_is_false():
+    head = torch.tensor([2.0, 2.0, -1.0, 3.0])
+    words = torch.tensor(
+        [
+            [-5.0, -4.0, -6.0],  # no word false: the head decides
+            [-5.0, 0.5, -6.0],  # one word false (logit 0.5): -0.5
+            [-5.0, -4.0, -6.0],  # the head already says no
+            [-5.0, -4.0, 9.0],  # 9.0 is padding, not a word
+        ]
+    )
+    mask = torch.tensor([[1, 1, 1], [1, 1, 1], [1, 1, 1], [1, 1, 0]])
+    expected = torch.tensor([2.0, -0.5, -1.0, 3.0])
+    assert torch.equal(word_checked(head, words, mask), expected)
+    assert torch.equal(word_checked(head, None, mask), head)
+
+
+@pytest.mark.parametrize("kind", ["vilbert", "lxmert"])
+def test_match_asks_the_word_check_only_when_the_config_has_one(kind):
+    config = (tiny_vilbert_config if kind == "vilbert" else tiny_lxmert_config)(12)
+    images = [RegionSet(torch.randn(n, 12), torch.rand(n, 4).sort(-1).values) for n in (3, 5)]
+    batch = collate(["a red circle", "two small squares"], images, load_tokenizer())
+    for word_check in (False, True):
+        torch.manual_seed(0)
+        model = build_backbone(kind, {**config, "word_check": word_check}).eval()
+        with torch.no_grad():
+            head, words = model.match_words(batch)
+            match = model.match(batch)
+        assert head.shape == (2,)
+        if not word_check:
+            assert words is None and torch.equal(match, head)
+            continue
+        assert words.shape == batch.input_ids.shape  # one logit per token
+        assert (words < 0).all()  # a fresh word check calls no word false
+        assert torch.equal(match, word_checked(head, words, batch.attention_mask))

@@ -253,6 +253,8 @@ def test_config_is_the_paper_and_rebuilds_from_json():
     hf, ref = config.to_hf(), LxmertConfig()
     for name in ("hidden_size", "l_layers", "x_layers", "r_layers", "num_qa_labels"):
         assert getattr(hf, name) == getattr(ref, name)
+    assert not hasattr(hf, "word_check") and not hasattr(hf, "embed_dim")  # ours alone
+    assert LxmertBackboneConfig.from_hf(hf) == config
     tiny = LxmertBackboneConfig(**TINY)
     rebuilt = build_backbone("lxmert", json.loads(json.dumps(asdict(tiny))))
     assert isinstance(rebuilt, LxmertBackbone) and rebuilt.config == tiny

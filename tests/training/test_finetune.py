@@ -24,17 +24,19 @@ from service.data.shapes import (
     scene_record,
 )
 from service.data.tokenizer import load_tokenizer
-from service.models.backbone import build_backbone
+from service.models.backbone import WORD_CHECK_PRIOR, build_backbone
 from service.store import ModelStore
 from service.training.evaluate import run_eval
 from service.training.examples import PairSource
 from service.training.finetune import (
     AlignObjective,
+    changed_tokens,
     grounding_loss,
     info_nce,
     pair_rank_loss,
     run_finetune,
     vqa_loss,
+    word_check_loss,
 )
 from service.training.negatives import caption_holds, hard_negatives
 from tests.training.pretrain_support import (
@@ -160,6 +162,48 @@ def test_rank_pairs_set_a_true_caption_against_its_own_twin(tmp_path):
         assert 1 <= sum(changed) <= 2 or len(t.split()) != len(f.split()), (t, f)
         partial += t not in complete
     assert partial > 0  # partial captions get twins of their own too
+
+
+def test_changed_tokens_are_the_twins_edits():
+    assert changed_tokens([1, 5, 6, 7, 2], [1, 5, 9, 7, 2]) == [2]  # one word swapped
+    assert changed_tokens([1, 5, 6, 2], [1, 8, 9, 6, 2]) == [1, 2]  # "a" -> "two small"
+    assert changed_tokens([1, 5, 6, 7, 2], [1, 5, 7, 2]) == [2]  # a word dropped: the next
+
+
+def test_word_targets_mark_a_twins_changed_words_and_leave_random_captions_out(tmp_path):
+    data, features = write_tiny_split(tmp_path, "train", n=24)
+    source = PairSource.load(data, features, "train")
+    tok = load_tokenizer()
+    objective = AlignObjective(source, tok, 0.5, 0.5, word_weight=1.0)
+    prepared = objective.prepare(np.random.default_rng(0), 24, torch.device("cpu"))
+    ids, mask = prepared.pairs.input_ids, prepared.pairs.attention_mask.bool()
+    targets, known = prepared.word_targets, prepared.word_known
+    twins = {f: t for t, f in prepared.rank_pairs.tolist()}
+    assert 0 < len(twins) < int((prepared.labels == 0).sum())  # some negatives are random
+    for row, label in enumerate(prepared.labels.tolist()):
+        if label == 1:  # every token of a true caption is known true
+            assert torch.equal(known[row], mask[row]) and targets[row].sum() == 0
+        elif row not in twins:  # a random caption: which word is false is unknown
+            assert not known[row].any()
+        else:
+            assert torch.equal(known[row], mask[row])
+            changed = set(targets[row].nonzero().flatten().tolist())
+            twin, true = ids[row][mask[row]].tolist(), ids[twins[row]][mask[twins[row]]].tolist()
+            assert changed and len(changed) <= len(twin) // 2  # some words, not the caption
+            kept = iter(true)  # the twin's other tokens are the true caption's, in order
+            assert all(t in kept for i, t in enumerate(twin) if i not in changed)
+
+
+def test_word_check_loss_is_token_bce_plus_the_captions_most_suspect_word():
+    words = torch.tensor([[-2.0, 1.0, 5.0], [0.0, 3.0, -1.0], [-1.0, -3.0, 0.0]])
+    targets = torch.tensor([[0.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]])
+    known = torch.tensor([[True, True, False], [True, True, True], [False, False, False]])
+    labels = torch.tensor([1.0, 0.0, 0.0])  # a true caption, its twin, a random caption
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 1, 1]])  # 5.0 is padding
+    bce = F.binary_cross_entropy_with_logits
+    token = bce(torch.tensor([-2.0, 1.0, 0.0, 3.0, -1.0]), torch.tensor([0.0, 0, 0, 1, 0]))
+    caption = bce(torch.tensor([1.0, 3.0, 0.0]), torch.tensor([0.0, 1.0, 1.0]))
+    assert torch.isclose(word_check_loss(words, targets, known, labels, mask), token + caption)
 
 
 def test_pair_rank_loss_is_the_log_loss_of_the_gap():
@@ -332,6 +376,31 @@ def test_all_tasks_round_robin_lowers_every_loss(tmp_path):
     assert rebuilt.config.num_answers == len(ANSWERS)
 
 
+def test_word_check_loss_falls_and_the_entry_keeps_the_word_check(tmp_path):
+    data, features = write_tiny_split(tmp_path, "train", n=32)
+    m = run_finetune(
+        "match",
+        "none",
+        backbone="lxmert",
+        features_dir=features,
+        data_dir=data,
+        store_root=tmp_path / "store",
+        steps=200,
+        batch_size=12,
+        lr=3e-3,
+        seed=0,
+        config_overrides={**tiny_overrides("lxmert"), "word_check": True},
+        mix={"hard_share": 1.0, "word_check": 1.0},
+        progress=False,
+    )
+    words = _train_losses(m, "words")
+    assert len(words) == 200 and np.mean(words[-20:]) < 0.85 * np.mean(words[:20]), words
+    assert m.config["word_check"] and m.data["mix"]["word_check"] == 1.0
+    rebuilt = build_backbone(m.kind, m.config)  # the manifest alone rebuilds it, head and all
+    rebuilt.load_state_dict(ModelStore(tmp_path / "store").load_tensors(m))
+    assert rebuilt.extra_heads.word_check is not None
+
+
 # ---- options and checks -------------------------------------------------------------------
 
 
@@ -425,3 +494,40 @@ def test_unknown_task_and_missing_backbone_are_refused(tmp_path):
         run_finetune("captioning", "none", backbone="vilbert", **common)
     with pytest.raises(ValueError, match="backbone"):
         run_finetune("vqa", "none", **common)
+
+
+@pytest.mark.parametrize("kind", ["lxmert", "vilbert"])
+def test_word_check_is_added_to_an_entry_without_one_and_refused_without_the_config(tmp_path, kind):
+    data, features = write_tiny_split(tmp_path, "train", n=8)
+    store = ModelStore(tmp_path / "store")
+    torch.manual_seed(1)
+    cfg = tiny_overrides(kind)
+    ref = store.write(
+        "pre",
+        kind,
+        {"model.safetensors": build_backbone(kind, cfg).state_dict()},
+        config=cfg,
+        answers=list(ANSWERS),
+        detector=DETECTOR,
+        tasks=["pretrain"],
+    ).ref
+    common = dict(
+        features_dir=features, data_dir=data, store_root=store.root, batch_size=4, lr=1e-3
+    )
+    with pytest.raises(ValueError, match="word_check"):
+        run_finetune("match", ref, steps=0, mix={"word_check": 1.0}, progress=False, **common)
+    m = run_finetune(
+        "match",
+        ref,
+        steps=0,
+        config_overrides={"word_check": True},
+        progress=False,
+        **common,
+    )
+    before, after = store.load_tensors(store.resolve(ref)), store.load_tensors(m)
+    head = "token_head" if kind == "vilbert" else "extra_heads.word_check"
+    assert set(after) - set(before) <= {f"{head}.weight", f"{head}.bias"}
+    for key, value in before.items():  # every other weight as the entry had it
+        if not key.startswith(head):
+            assert torch.equal(after[key], value.to(after[key].dtype)), key
+    assert torch.all(after[f"{head}.bias"] == WORD_CHECK_PRIOR)  # fresh: no word false

@@ -33,6 +33,7 @@ def test_cycle_interleaves_objectives_by_weight():
         ({"vqa_families": {"count": -1}}, "weight >= 0"),
         ({"hard_kind": {}}, "unknown mix fields"),
         ({"align_rank": -0.5}, "align_rank must be a weight >= 0"),
+        ({"word_check": "yes"}, "word_check must be a weight >= 0"),
         ({"hard_share": 1.5}, "hard_share must be a fraction"),
         ({"complete_share": "most"}, "complete_share must be a fraction"),
     ],
