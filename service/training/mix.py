@@ -10,7 +10,7 @@ shifts the training signal toward weak spots without changing the data, e.g.
      "vqa_families": {"count": 3, "relation": 3},
      "vqa_answers": {"4": 2, "5": 3},
      "hard_kinds": {"relation": 3, "color": 2, "size": 2},
-     "align_rank": 1.0, "word_check": 1.0, "hard_share": 0.75}
+     "align_rank": 1.0, "hard_share": 0.75}
 
 Objective weights are whole numbers of steps per cycle; the other weights are relative
 (names left out weigh 1). `align_rank` weighs a ranking loss that sets each true caption
