@@ -1,0 +1,51 @@
+"""ViLBERT@3 with its text prefix (the text embeddings and the text layers before the first
+co-attention layer) put back to the packaged MiniLM's weights and frozen, then fine-tuned on
+task "all" with ../gpu-continue/mix.json; writes `vilbert-reset` into STORE, which must
+hold shapes-vilbert@3 and shapes-detector@1 (a copy of model_store/, not the repository's).
+
+    python docs/experiments/diagnosis/reset_text.py STORE FEATURES DATA SECONDS
+"""
+
+import sys
+
+import torch
+
+import service.training.finetune as finetune
+from service.data.tokenizer import minilm_dir
+from service.models.vilbert_checkpoint import init_text_from_bert
+
+store, features, data, seconds = sys.argv[1:5]
+load_entry = finetune._init_model
+
+
+def with_minilm_prefix(*args, **kwargs):
+    model, manifest = load_entry(*args, **kwargs)
+    layers = model._text_only_layers()
+    prefix = ("text_embeddings.", *(f"text_layers.{i}." for i in range(layers)))
+    keep = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith(prefix)}
+    init_text_from_bert(model, minilm_dir())  # every text weight ...
+    model.load_state_dict(keep, strict=False)  # ... then all but the prefix back to @3's
+    for name, p in model.named_parameters():
+        p.requires_grad_(not name.startswith(prefix))
+    print(f"text embeddings and layers 0-{layers - 1}: MiniLM's, frozen", flush=True)
+    return model, manifest
+
+
+finetune._init_model = with_minilm_prefix
+torch.set_num_threads(2)
+entry = finetune.run_finetune(
+    "all",
+    "shapes-vilbert@3",
+    features_dir=features,
+    data_dir=data,
+    store_root=store,
+    out_name="vilbert-reset",
+    steps=5000,
+    batch_size=64,
+    lr=1e-4,
+    include_easyvqa=True,
+    max_seconds=float(seconds),
+    mix="docs/experiments/gpu-continue/mix.json",
+    command="docs/experiments/diagnosis/reset_text.py",
+)
+print("wrote", entry.ref)
