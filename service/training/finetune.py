@@ -28,6 +28,11 @@ Objectives (each samples its own batch of `batch_size` from the step's rng):
              such region (a detector miss) are left out of training.
   all        vqa, match and grounding in round robin, one per step: the one model that
              serves vqa, match, ground and retrieval.
+  pretrain   the backbone's own pretraining losses (`pretrain.PRETRAIN_LOSSES`: masked
+             words and regions, matching against random captions, LXMERT's QA), an extra
+             objective of any task when `Mix.objectives` weighs it above 0. Masked words
+             make the text stream tie each word to its object, which fine-tuning alone
+             lets go of (docs/experiments/diagnosis/). Its losses are logged as pre_*.
 
 Each objective comes in two halves, `prepare(rng, n, device)` (draws, tokenising, collate,
 targets, the copy to the device: no model) and `loss(model, prepared)`, so that the loop
@@ -69,7 +74,7 @@ from service.training.loop import TrainConfig, model_device, to_device, train
 from service.training.metrics import paired_iou
 from service.training.mix import Mix, item_weights, weighted_choice
 from service.training.negatives import by_kind, hard_negatives, pick_hard_negative, random_negative
-from service.training.pretrain import default_config
+from service.training.pretrain import PRETRAIN_LOSSES, PretrainData, default_config
 
 TASKS = ("vqa", "retrieval", "grounding", "match", "all")
 SERVES = {  # what the service may ask of a model fine-tuned on each task
@@ -80,6 +85,7 @@ SERVES = {  # what the service may ask of a model fine-tuned on each task
     "all": ["vqa", "match", "ground", "retrieval"],
 }
 ROUND_ROBIN = ("vqa", "match", "grounding")  # the objectives of "all", one per step
+PRETRAIN = "pretrain"  # the auxiliary objective a mix may add to any task
 NUM_ANSWERS_KEY = {"vilbert": "num_answers", "lxmert": "num_qa_labels"}
 NCE_TEMPERATURE = EMBED_TEMPERATURE
 GROUND_IOU = 0.5
@@ -387,6 +393,21 @@ class GroundObjective(Objective):
         return {"loss": loss, "ground": loss.detach()}
 
 
+class PretrainObjective(Objective):
+    """The backbone's pretraining losses as a fine-tuning objective (see the module doc)."""
+
+    def __init__(self, kind: str, source: PairSource, tokenizer, max_length: int):
+        self.data = PretrainData(kind, source, tokenizer, ANSWERS, max_length)
+        self.loss_fn = PRETRAIN_LOSSES[kind]
+
+    def prepare(self, rng: np.random.Generator, n: int, device: torch.device):
+        return to_device(self.data.sample(rng, n), device)
+
+    def loss(self, model: nn.Module, prepared) -> dict[str, Tensor]:
+        out = self.loss_fn(model, *prepared)
+        return {k if k == "loss" else f"pre_{k}": v for k, v in out.items()}
+
+
 class RoundRobin:
     """The loop's step_loss: objective `cycle[step % len(cycle)]`, the cycle being the
     objectives in round robin, each repeated by its `Mix.objectives` weight. Split into
@@ -416,9 +437,11 @@ def make_objectives(
     vqa_sources: list[PairSource] | None = None,
     mix: Mix | None = None,
     max_length: int = MAX_TEXT_TOKENS,
+    kind: str | None = None,
 ) -> dict[str, Objective]:
     """The objectives `task` trains, by name (ROUND_ROBIN's for "all"), over `source`;
-    VQA over `vqa_sources` (default: [source])."""
+    VQA over `vqa_sources` (default: [source]); and PRETRAIN when the mix weighs it, for
+    the backbone `kind`."""
     mix = mix or Mix()
     out: dict[str, Objective] = {}
     for name in ROUND_ROBIN if task == "all" else (task,):
@@ -440,6 +463,10 @@ def make_objectives(
                 mix.align_rank,
                 mix.word_check,
             )
+    if mix.objectives.get(PRETRAIN, 0) > 0:
+        if kind not in PRETRAIN_LOSSES:
+            raise ValueError(f"the {PRETRAIN} objective needs the backbone kind, not {kind!r}")
+        out[PRETRAIN] = PretrainObjective(kind, source, tokenizer, max_length)
     return out
 
 
@@ -627,6 +654,11 @@ def run_finetune(
         raise ValueError(
             "mix word_check needs the config's word_check: --config '{\"word_check\": true}'"
         )
+    if mix.objectives.get(PRETRAIN, 0) > 0 and model.kind == "lxmert" and label_fraction < 1:
+        raise ValueError(
+            f"the {PRETRAIN} objective's QA loss reads every train question's answer: "
+            "leave it out of a label_fraction run"
+        )
     tokenizer = load_tokenizer()
     sources = [train_source]
     vqa_sources = None
@@ -637,7 +669,9 @@ def run_finetune(
                 _fraction(easyvqa_source(features_dir, "train"), label_fraction, rng)
             )
         sources += vqa_sources[1:]
-    objectives = make_objectives(task, train_source, tokenizer, vqa_sources, mix, max_length)
+    objectives = make_objectives(
+        task, train_source, tokenizer, vqa_sources, mix, max_length, model.kind
+    )
     detector = _detector(detector_ref, init_manifest, sources)
 
     evaluate = None

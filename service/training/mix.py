@@ -13,8 +13,10 @@ shifts the training signal toward weak spots without changing the data, e.g.
      "align_rank": 1.0, "hard_share": 0.75}
 
 Objective weights are whole numbers of steps per cycle; the other weights are relative
-(names left out weigh 1). `align_rank` weighs a ranking loss that sets each true caption
-against its one-change twin when that is the false caption paired with it (0: off);
+(names left out weigh 1). Besides the task's own objectives, "pretrain" (the backbone's
+pretraining losses, `finetune.PretrainObjective`) joins any task when weighed above 0.
+`align_rank` weighs a ranking loss that sets each true caption against its one-change
+twin when that is the false caption paired with it (0: off);
 `word_check` a per-token loss on the same pairs, the twin's changed words false and every
 word of a true caption not (0: off; needs a model whose config has `word_check`).
 `complete_share` (of true captions, the complete one rather than a partial one) and
@@ -85,7 +87,7 @@ class Mix:
     def cycle(self, names: Sequence[str]) -> list[str]:
         """The objectives of one round-robin cycle, interleaved: weights {a: 2, b: 1, c: 2}
         give [a, b, c, a, c]."""
-        if unknown := set(self.objectives) - set(names):
+        if unknown := {k for k, w in self.objectives.items() if w > 0} - set(names):
             raise ValueError(f"mix names objectives {sorted(unknown)} not trained here")
         weights = {n: int(self.objectives.get(n, 1)) for n in names}
         out = [n for r in range(max(weights.values(), default=0)) for n in names if weights[n] > r]

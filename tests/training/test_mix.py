@@ -151,3 +151,56 @@ def test_finetune_follows_the_mix_and_records_it(tmp_path):
     assert objective == ["vqa", "match", "ground", "vqa", "match"] * 2
     assert any("rank" in h for h in steps if "match" in h)  # the ranking term ran
     assert m.data["mix"] == {**Mix().to_dict(), **mix}
+
+
+@pytest.mark.parametrize(
+    "kind, parts", [("lxmert", {"pre_mlm", "pre_qa"}), ("vilbert", {"pre_align"})]
+)
+def test_pretrain_objective_joins_the_cycle_with_the_backbones_own_losses(tmp_path, kind, parts):
+    data, features = write_tiny_split(tmp_path, "train", n=16)
+    mix = {"objectives": {"vqa": 1, "match": 1, "grounding": 0, "pretrain": 1}}
+    m = run_finetune(
+        "all",
+        "none",
+        backbone=kind,
+        features_dir=features,
+        data_dir=data,
+        store_root=tmp_path / "store",
+        steps=6,
+        batch_size=4,
+        lr=1e-3,
+        config_overrides=tiny_overrides(kind),
+        progress=False,
+        mix=mix,
+    )
+    steps = [h for h in json.loads((m.path / "history.json").read_text()) if h["kind"] == "train"]
+    assert ["vqa" in h for h in steps] == [True, False, False] * 2
+    assert ["pre_mlm" in h for h in steps] == [False, False, True] * 2
+    assert parts <= set(steps[2]) and "match" not in steps[2]  # its match is pre_match
+    assert m.data["objectives"] == ["vqa", "match", "grounding", "pretrain"]
+
+
+def test_pretrain_objective_needs_the_kind_and_keeps_out_of_label_fraction_runs(tmp_path):
+    data, features = write_tiny_split(tmp_path, "train", n=16)
+    source = PairSource.load(data, features, "train")
+    mix = Mix(objectives={"pretrain": 1})
+    with pytest.raises(ValueError, match="needs the backbone kind"):
+        make_objectives("vqa", source, load_tokenizer(), mix=mix)
+    assert set(make_objectives("vqa", source, load_tokenizer(), mix=mix, kind="lxmert")) == {
+        "vqa",
+        "pretrain",
+    }
+    with pytest.raises(ValueError, match="label_fraction"):
+        run_finetune(
+            "vqa",
+            "none",
+            backbone="lxmert",
+            features_dir=features,
+            data_dir=data,
+            store_root=tmp_path / "store",
+            steps=1,
+            label_fraction=0.5,
+            config_overrides=tiny_overrides("lxmert"),
+            progress=False,
+            mix=mix,
+        )
