@@ -31,8 +31,9 @@ Objectives (each samples its own batch of `batch_size` from the step's rng):
   pretrain   the backbone's own pretraining losses (`pretrain.PRETRAIN_LOSSES`: masked
              words and regions, matching against random captions, LXMERT's QA), an extra
              objective of any task when `Mix.objectives` weighs it above 0. Masked words
-             make the text stream tie each word to its object, which fine-tuning alone
-             lets go of (docs/experiments/diagnosis/). Its losses are logged as pre_*.
+             ask the text stream to tie each word to its object, which the task losses
+             did not teach beyond the first objects of a caption
+             (docs/experiments/diagnosis/). Its losses are logged as pre_*.
 
 Each objective comes in two halves, `prepare(rng, n, device)` (draws, tokenising, collate,
 targets, the copy to the device: no model) and `loss(model, prepared)`, so that the loop
