@@ -92,7 +92,9 @@ class TextScore(BaseModel):
     text: str
     score: float = Field(
         description="probability that the text describes the image; above 0.5 is a match "
-        "(calibrated on validation pairs when the model lists a match_calibration)"
+        "(calibrated on validation pairs when the model lists a match_calibration; with "
+        "its by_sentence, a text of several sentences also has each sentence checked alone "
+        "and gets the lowest score)"
     )
 
 
@@ -162,7 +164,8 @@ class ModelInfo(BaseModel):
     match_calibration: dict | None = Field(
         None,
         description="how /v1/match combines the alignment head's logit with the embeddings' "
-        "cosine (fitted by `vqa train calibrate`); null: the head's logit alone",
+        "cosine, and whether it checks each sentence of a text alone (by_sentence; fitted by "
+        "`vqa train calibrate`); null: the head's logit alone",
     )
 
 

@@ -110,7 +110,7 @@ class Galleries:
             ids = [i for i, _ in head]
             regions = await asyncio.to_thread(self.storage.regions, name, ids)
             items = [
-                EncodeItem("match", caption, RegionSet(torch.from_numpy(f), torch.from_numpy(b)))
+                EncodeItem("align", caption, RegionSet(torch.from_numpy(f), torch.from_numpy(b)))
                 for f, b in regions
             ]
             logits = await self.engine.encode(backbone, items)

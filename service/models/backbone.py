@@ -9,7 +9,8 @@ config dict stored in a manifest, with nothing else needed.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields, replace
 from typing import Any, Protocol, runtime_checkable
 
@@ -147,16 +148,22 @@ class MatchCalibration:
     validation pairs (`service.training.calibrate`), its decision threshold folded into
     the bias so that logit > 0 (p > 0.5) is "match". The head alone misses near-duplicate
     captions that the embeddings tell apart (docs/experiments/match-calibration.md).
+    With `by_sentence`, a text of several sentences is also checked sentence by sentence
+    and gets the least logit (`match_claims`).
     """
 
     head: float
     cosine: float
     bias: float
+    by_sentence: bool = False  # a text's logit: the least of its `match_claims`' logits
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> MatchCalibration | None:
         """A manifest's `match_calibration` (None: the head's logit alone)."""
-        return cls(float(d["head"]), float(d["cosine"]), float(d["bias"])) if d else None
+        if not d:
+            return None
+        by_sentence = bool(d.get("by_sentence", False))
+        return cls(float(d["head"]), float(d["cosine"]), float(d["bias"]), by_sentence)
 
     def logit(self, head_logit: Tensor, cosine: Tensor) -> Tensor:
         return self.head * head_logit + self.cosine * cosine / EMBED_TEMPERATURE + self.bias
@@ -174,6 +181,36 @@ def match_parts(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
     else:  # one image scored against many texts: embedded once
         image = once_per_distinct_row(model.embed_image, *regions)
     return head.float(), (text * image).sum(-1).float()
+
+
+MAX_CLAIM_SENTENCES = 8  # sentences of one text checked alone, at most
+_SENTENCE_END = re.compile(r"[.!?]+(?:\s+|$)")
+
+
+def match_claims(text: str) -> list[str]:
+    """What a by-sentence calibration checks of a text: the text itself and, when it has
+    two sentences or more, each of its first MAX_CLAIM_SENTENCES alone, without its full
+    stop. A description of several sentences is true of an image only when every sentence
+    is; the alignment head reads a long text's later sentences poorly and a short one well
+    (docs/experiments/match-by-sentence/)."""
+    sentences = [s.strip() for s in _SENTENCE_END.split(text) if s.strip()]
+    return [text, *sentences[:MAX_CLAIM_SENTENCES]] if len(sentences) > 1 else [text]
+
+
+def expand_claims(texts: Sequence[str], by_sentence: bool) -> tuple[list[str], Tensor]:
+    """The texts to score and the index (C,) of the text each is of: the texts as they
+    are, or with `by_sentence` every text's `match_claims` (the text itself first)."""
+    if not by_sentence:
+        return list(texts), torch.arange(len(texts))
+    claims = [match_claims(t) for t in texts]
+    owner = [i for i, c in enumerate(claims) for _ in c]
+    return [c for cs in claims for c in cs], torch.tensor(owner, dtype=torch.long)
+
+
+def least_per_text(logits: Tensor, owner: Tensor, n: int) -> Tensor:
+    """(n,) the least of each text's claims' logits (C,) (`expand_claims`)."""
+    out = logits.new_full((n,), float("inf"))
+    return out.scatter_reduce(0, owner.to(logits.device), logits, "amin")
 
 
 def match_logits(model: nn.Module, batch: Batch, calibration: MatchCalibration | None) -> Tensor:

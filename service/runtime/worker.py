@@ -18,12 +18,20 @@ from PIL import Image
 from service.data.collate import MAX_TEXT_TOKENS, RegionSet, collate, normalise_boxes
 from service.data.tokenizer import load_tokenizer
 from service.errors import NotFound
-from service.models.backbone import MatchCalibration, build_backbone, match_logits
+from service.models.backbone import (
+    MatchCalibration,
+    build_backbone,
+    expand_claims,
+    least_per_text,
+    match_logits,
+)
 from service.models.detector import RegionDetector
 from service.store import Manifest, ModelNotFound, ModelStore
 
 log = logging.getLogger("vqa.worker")
-TASKS = ("vqa", "match", "ground", "embed_text")
+# "match": the match logit as served (calibrated, by sentence, as the manifest says);
+# "align": the alignment head's logit alone, which caption search's second stage reads.
+TASKS = ("vqa", "match", "align", "ground", "embed_text")
 
 
 @dataclass
@@ -137,15 +145,28 @@ class Worker:
                 enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
             )
             return list(emb.float().cpu().numpy())
+        if task == "match":
+            return self._match(backbone, items)
         batch = collate(
             [it.text for it in items], [it.regions for it in items], backbone.tokenizer
         ).to(self.device, self.dtype)
         if task == "vqa":
             return list(model.answer(batch).float().cpu())
-        if task == "match":
-            return match_logits(model, batch, backbone.calibration).cpu().tolist()
+        if task == "align":
+            return model.match(batch).float().cpu().tolist()
         logits = model.ground(batch).float().cpu()  # (B, R) padded
         return [row[: len(it.regions)] for row, it in zip(logits, items, strict=True)]
+
+    def _match(self, backbone: LoadedBackbone, items: list[EncodeItem]) -> list[float]:
+        """Match logits as served: calibrated, and sentence by sentence, as the manifest
+        says (`MatchCalibration`)."""
+        calibration = backbone.calibration
+        by_sentence = calibration is not None and calibration.by_sentence
+        texts, owner = expand_claims([it.text for it in items], by_sentence)
+        regions = [items[i].regions for i in owner.tolist()]
+        batch = collate(texts, regions, backbone.tokenizer).to(self.device, self.dtype)
+        logits = match_logits(backbone.module, batch, calibration).float().cpu()
+        return least_per_text(logits, owner, len(items)).tolist()
 
     @torch.inference_mode()
     def embed_images(self, backbone: LoadedBackbone, regions: list[RegionSet]) -> np.ndarray:

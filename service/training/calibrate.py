@@ -10,12 +10,13 @@ part of the image ("a blue circle left of a yellow circle") are positives too, a
 share of them called a match counts in that sum: fitted on complete captions alone, the
 calibration called only 14-21% of them a match on test (the head alone 92-94%). Kept
 only when it beats the head alone on that split; fine-tuning for matching fits it as its
-last step.
+last step. Texts of several sentences may also be checked sentence by sentence
+(`MatchCalibration.by_sentence`): kept when that does better on the same pairs.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,8 @@ from service.training.evaluate import (
     load_model,
     match_pair_parts,
     match_report,
+    own_rows,
+    served_logits,
 )
 from service.training.examples import PairSource
 
@@ -78,20 +81,31 @@ def best_threshold(scores: Tensor, pairs: MatchPairs) -> float:
     return float(max(candidates, key=lambda t: _total(accuracies(scores, pairs, t))))
 
 
-def fit_match_calibration(parts: Tensor, pairs: MatchPairs) -> tuple[MatchCalibration, dict]:
-    """The calibration fitted on `parts` ((N, 2): head logit, cosine, `match_pair_parts`),
-    complete and partial captions the positives, and the accuracies with and without it."""
-    labels = torch.zeros(len(parts))
+def fit_match_calibration(
+    parts: Tensor, pairs: MatchPairs, owner: Tensor | None = None
+) -> tuple[MatchCalibration, dict]:
+    """The calibration fitted on `parts` ((C, 2): head logit, cosine, and the text index
+    `owner` (C,) of each row, as `match_pair_parts` gives them; owner None: one row per
+    text), complete and partial captions the positives, and the accuracies with and
+    without it. The logistic is fitted on the texts as they are; where `parts` also hold
+    texts' single sentences, checking those too (`MatchCalibration.by_sentence`, with its
+    own threshold) is kept when it does better."""
+    owner = torch.arange(len(parts)) if owner is None else owner
+    whole = parts[own_rows(owner)]
+    labels = torch.zeros(len(whole))
     labels[pairs.positives + pairs.partial] = 1.0
-    x = torch.stack([parts[:, 0], parts[:, 1] / EMBED_TEMPERATURE], 1)
+    x = torch.stack([whole[:, 0], whole[:, 1] / EMBED_TEMPERATURE], 1)
     (w_head, w_cosine), bias = fit_logistic(x, labels)
-    fitted = MatchCalibration(float(w_head), float(w_cosine), bias)
-    threshold = best_threshold(fitted.logit(parts[:, 0], parts[:, 1]), pairs)
-    calibration = MatchCalibration(fitted.head, fitted.cosine, bias - threshold)
-    accuracy = {
-        "head": accuracies(parts[:, 0], pairs),
-        "calibrated": accuracies(calibration.logit(parts[:, 0], parts[:, 1]), pairs),
-    }
+    accuracy = {"head": accuracies(whole[:, 0], pairs)}
+    candidates = []
+    for by_sentence in (False, True) if len(owner) > len(whole) else (False,):
+        fitted = MatchCalibration(float(w_head), float(w_cosine), bias, by_sentence)
+        threshold = best_threshold(served_logits(fitted, parts, owner), pairs)
+        calibration = replace(fitted, bias=bias - threshold)
+        measured = accuracies(served_logits(calibration, parts, owner), pairs)
+        accuracy["by_sentence" if by_sentence else "whole_text"] = measured
+        candidates.append((_total(measured), by_sentence, calibration, measured))
+    _, _, calibration, accuracy["calibrated"] = max(candidates, key=lambda c: (c[0], not c[1]))
     return calibration, accuracy
 
 
@@ -103,8 +117,10 @@ def calibrate_model(
     pairs = draw_match_pairs(source, None, seed)
     if not pairs.random and not pairs.hard:
         return None  # nothing to fit on
-    parts = match_pair_parts(model, tokenizer, pairs, **common)
-    calibration, accuracy = fit_match_calibration(parts, pairs)
+    parts, owner = match_pair_parts(
+        model, tokenizer, pairs.texts, pairs.regions, by_sentence=True, **common
+    )
+    calibration, accuracy = fit_match_calibration(parts, pairs, owner)
     if _total(accuracy["calibrated"]) <= _total(accuracy["head"]):
         return None
     fitted_on = {"split": split, "images": len(pairs.positives), "seed": seed, "accuracy": accuracy}

@@ -24,7 +24,8 @@ ahead by the detector (as LXMERT's evaluation did):
              "partial_positive_rate": the share of the images' other, partial captions
              (true too: "three shapes on a pastel background") called a match.
              Scored with the match logit as served: calibrated when the manifest holds a
-             `match_calibration` (`service.training.calibrate`), the head's otherwise.
+             `match_calibration` (`service.training.calibrate`; sentence by sentence
+             when it says `by_sentence`), the head's otherwise.
 
 Store entries are immutable and checksummed, so nothing is written into the entry's
 folder: metrics.json and the plots go to `out_dir` (default docs/experiments/<name>/),
@@ -52,6 +53,8 @@ from service.models.backbone import (
     Batch,
     MatchCalibration,
     build_backbone,
+    expand_claims,
+    least_per_text,
     match_parts,
     two_stage_scores,
 )
@@ -266,13 +269,37 @@ def draw_match_pairs(
     return pairs
 
 
-def match_pair_parts(model, tokenizer, pairs: MatchPairs, **common) -> Tensor:
-    """(N, 2): each text's alignment head logit and embeddings' cosine (`match_parts`)."""
+def match_pair_parts(
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    regions: Sequence[RegionSet],
+    by_sentence: bool = False,
+    **common,
+) -> tuple[Tensor, Tensor]:
+    """(C, 2): the alignment head logit and embeddings' cosine (`match_parts`) of each
+    (text, regions) pair, or with `by_sentence` of each of the text's `match_claims` (the
+    text itself first); and the index (C,) of the pair each row is of."""
 
     def parts(batch: Batch) -> Tensor:
         return torch.stack(match_parts(model, batch), -1)
 
-    return pair_scores(model, tokenizer, parts, pairs.texts, pairs.regions, **common)
+    claims, owner = expand_claims(texts, by_sentence)
+    claim_regions = [regions[i] for i in owner.tolist()]
+    return pair_scores(model, tokenizer, parts, claims, claim_regions, **common), owner
+
+
+def own_rows(owner: Tensor) -> Tensor:
+    """Where each text's own row is among its claims' (`match_pair_parts`): (N,)."""
+    return torch.nonzero(torch.diff(owner, prepend=owner.new_tensor([-1]))).squeeze(1)
+
+
+def served_logits(calibration: MatchCalibration, parts: Tensor, owner: Tensor) -> Tensor:
+    """(N,) each text's match logit as served (`match_logits`), from `match_pair_parts`:
+    the text's own calibrated logit, or by sentence the least of its claims'."""
+    logits = calibration.logit(parts[:, 0], parts[:, 1])
+    rows = own_rows(owner)
+    return least_per_text(logits, owner, len(rows)) if calibration.by_sentence else logits[rows]
 
 
 def match_report(scores: Tensor, pairs: MatchPairs, threshold: float = 0.0) -> dict:
@@ -319,9 +346,11 @@ def eval_match(
     if calibration is None:
         head = pair_scores(model, tokenizer, "match", pairs.texts, pairs.regions, **common)
         return match_report(head, pairs)
-    parts = match_pair_parts(model, tokenizer, pairs, **common)
-    out = match_report(calibration.logit(parts[:, 0], parts[:, 1]), pairs)
-    head = match_report(parts[:, 0], pairs)
+    parts, owner = match_pair_parts(
+        model, tokenizer, pairs.texts, pairs.regions, calibration.by_sentence, **common
+    )
+    out = match_report(served_logits(calibration, parts, owner), pairs)
+    head = match_report(parts[own_rows(owner), 0], pairs)
     out["head"] = {k: head[k]["accuracy"] for k in ("random", "hard")}
     return out
 

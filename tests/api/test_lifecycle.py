@@ -236,10 +236,12 @@ def big_scene(seed: int) -> bytes:
     return buf.getvalue()
 
 
-def test_serve_drains_on_sigterm_and_exits_zero(tiny_store, tmp_path):
-    port, drain = free_port(), 10.0
+def _sigterm_during_requests(store, data_dir, drain: float):
+    """Serve, send 8 requests, SIGTERM once all 8 are decoded: (done, sent, code, exited,
+    log); done holds (time, status) of each request."""
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = serve(tiny_store[0], tmp_path / "data", port, VQA_DRAIN_TIMEOUT_S=str(drain))
+    proc = serve(store, data_dir, port, VQA_DRAIN_TIMEOUT_S=str(drain))
     try:
         wait_for(lambda: readiness(url) == 200 or proc.poll() is not None, timeout=80)
         assert proc.poll() is None, proc.stdout.read()
@@ -264,9 +266,22 @@ def test_serve_drains_on_sigterm_and_exits_zero(tiny_store, tmp_path):
         exited = time.monotonic()
     finally:
         proc.kill()
-    log = proc.stdout.read()
-    assert [s for _, s in done] == [200] * 8, log
-    assert max(t for t, _ in done) > sent  # some were still running at SIGTERM
+    return done, sent, code, exited, proc.stdout.read()
+
+
+def test_serve_drains_on_sigterm_and_exits_zero(tiny_store, tmp_path):
+    """Requests still running at SIGTERM are answered, then the server exits 0 within the
+    drain timeout. The detector ends the last of the 8 about 0.2-0.3 s after the 8th is
+    decoded, so a slow poll can miss them all running: then the run proves nothing and
+    is tried again, on a fresh server (at most 3 times)."""
+    drain = 10.0
+    for attempt in range(3):
+        data_dir = tmp_path / f"data{attempt}"
+        done, sent, code, exited, log = _sigterm_during_requests(tiny_store[0], data_dir, drain)
+        assert [s for _, s in done] == [200] * 8, log
+        if max(t for t, _ in done) > sent:  # some were still running at SIGTERM
+            break
+    assert max(t for t, _ in done) > sent, "every try answered all 8 before SIGTERM"
     assert code == 0, log
     assert exited - sent < drain, log
 

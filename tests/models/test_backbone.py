@@ -9,8 +9,12 @@ from service.data.collate import RegionSet, collate
 from service.data.tokenizer import load_tokenizer
 from service.models.backbone import (
     EMBED_TEMPERATURE,
+    MAX_CLAIM_SENTENCES,
     MatchCalibration,
     build_backbone,
+    expand_claims,
+    least_per_text,
+    match_claims,
     match_logits,
     match_parts,
     once_per_distinct_row,
@@ -59,6 +63,37 @@ def test_match_logits_are_the_head_or_its_calibrated_sum_with_the_cosine(kind):
         expected = 0.5 * head + 2.0 * cosine / EMBED_TEMPERATURE - 1.0
         assert torch.allclose(match_logits(model, batch, calibration), expected, atol=1e-5)
     assert MatchCalibration.from_dict(None) is None
+
+
+def test_match_claims_are_the_text_and_each_of_its_sentences_when_it_has_several():
+    listing = "a red circle and a blue square"
+    relation = "the red circle is left of the blue square"
+    text = f"{listing}. {relation}"
+    assert match_claims(text) == [text, listing, relation]
+    assert match_claims(f"{text}.") == [f"{text}.", listing, relation]
+    assert match_claims("Is it red?  Yes!") == ["Is it red?  Yes!", "Is it red", "Yes"]
+    for one in ("a red circle", "a red circle.", "3.5 circles", "a circle ... "):
+        assert match_claims(one) == [one]
+    many = ". ".join(f"sentence {i}" for i in range(20))
+    claims = match_claims(many)
+    assert claims[0] == many and claims[1:] == [f"sentence {i}" for i in range(MAX_CLAIM_SENTENCES)]
+
+
+def test_expand_claims_and_least_per_text_give_each_text_its_least_claim():
+    texts = ["one", "a. b", "c"]
+    claims, owner = expand_claims(texts, by_sentence=False)
+    assert claims == texts and owner.tolist() == [0, 1, 2]
+    claims, owner = expand_claims(texts, by_sentence=True)
+    assert claims == ["one", "a. b", "a", "b", "c"] and owner.tolist() == [0, 1, 1, 1, 2]
+    logits = torch.tensor([0.5, 2.0, -1.0, 3.0, -0.25])
+    assert least_per_text(logits, owner, 3).tolist() == [0.5, -1.0, -0.25]
+
+
+@pytest.mark.parametrize("by_sentence", [False, True])
+def test_match_calibration_reads_by_sentence_from_the_manifest(by_sentence):
+    d = {"head": 1.0, "cosine": 0.0, "bias": 0.0}
+    assert MatchCalibration.from_dict(d).by_sentence is False  # entries written before it
+    assert MatchCalibration.from_dict({**d, "by_sentence": by_sentence}).by_sentence is by_sentence
 
 
 def test_word_checked_is_the_head_unless_a_word_of_the_text_is_false():

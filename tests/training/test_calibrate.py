@@ -55,6 +55,29 @@ def test_calibration_adds_the_cosine_where_the_head_calls_hard_negatives_matches
     assert (logit[:, [0, 3]] > 0).all() and (logit[:, 1:3] < 0).all()  # threshold in the bias
 
 
+def test_fit_checks_sentences_alone_where_that_tells_hard_negatives_apart():
+    """Each image: a two-sentence caption, a random negative, a two-sentence hard negative
+    whose second sentence is false, a partial caption. As whole texts the hard negative
+    scores as the caption does (the head misreads the later sentence); its second
+    sentence alone is rejected. Whole texts get no hard pair right; by sentence, all, and
+    that is the calibration kept, with partial captions still matches."""
+    n = 40
+    caption, random, partial = [2.0, 0.6], [-3.0, 0.1], [2.0, 0.45]
+    rows = [caption, caption, caption, random, caption, caption, [-2.0, 0.6], partial]
+    owner = torch.tensor([0, 0, 0, 1, 2, 2, 2, 3])  # the text itself first, then sentences
+    g = torch.Generator().manual_seed(2)
+    parts = torch.tensor(rows).repeat(n, 1) + 0.05 * torch.randn(8 * n, 2, generator=g)
+    owner = torch.cat([owner + 4 * i for i in range(n)])
+    calibration, accuracy = fit_match_calibration(parts, _pairs(n), owner)
+    assert accuracy["whole_text"]["hard"] <= 0.6
+    assert accuracy["by_sentence"] == {"random": 1.0, "hard": 1.0, "partial": 1.0}
+    assert calibration.by_sentence and accuracy["calibrated"] == accuracy["by_sentence"]
+
+    whole_only = parts[owner.diff(prepend=torch.tensor([-1])) != 0]  # one row per text
+    calibration, accuracy = fit_match_calibration(whole_only, _pairs(n))
+    assert not calibration.by_sentence and "by_sentence" not in accuracy
+
+
 def test_fit_is_written_to_the_manifest_and_is_what_eval_uses(tmp_path):
     """A model whose head calls every caption a match: 0% of pairs right. The calibration
     fitted on val adds the embeddings' cosine; evaluated on the same split with the
@@ -67,7 +90,8 @@ def test_fit_is_written_to_the_manifest_and_is_what_eval_uses(tmp_path):
 
     updated = run_calibrate(m.ref, store.root, features, data, split="val", progress=False)
     calibration = updated.match_calibration
-    assert calibration is not None and set(calibration) == {"head", "cosine", "bias", "fitted_on"}
+    assert calibration is not None
+    assert set(calibration) == {"head", "cosine", "bias", "by_sentence", "fitted_on"}
     fitted = calibration["fitted_on"]
     assert fitted["split"] == "val" and fitted["images"] == 24 and fitted["seed"] == 0
     assert fitted["accuracy"]["head"] == {"random": 0.0, "hard": 0.0, "partial": 1.0}
