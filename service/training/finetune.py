@@ -59,7 +59,7 @@ from torch import Tensor, nn
 from service.data.collate import MAX_TEXT_TOKENS, collate
 from service.data.language import ANSWERS
 from service.data.tokenizer import load_tokenizer
-from service.models.backbone import EMBED_TEMPERATURE, Batch, build_backbone
+from service.models.backbone import EMBED_TEMPERATURE, Batch, build_backbone, match_claims
 from service.store import Manifest, ModelStore
 from service.training.calibrate import calibrate_model
 from service.training.entries import freeze_external, write_model_entry
@@ -266,9 +266,10 @@ class AlignObjective(Objective):
         hard_kinds: dict[str, float] | None = None,
         rank_weight: float = 0.0,
         word_weight: float = 0.0,
+        sentence_frac: float = 0.0,
     ):
         self.source, self.tokenizer, self.max_length = source, tokenizer, max_length
-        self.word_weight = word_weight
+        self.word_weight, self.sentence_frac = word_weight, sentence_frac
         self.complete_frac, self.hard_frac = complete_frac, hard_frac
         self.hard_kinds = hard_kinds or None
         self.rank_weight = rank_weight
@@ -299,7 +300,13 @@ class AlignObjective(Objective):
         return random_negative(self.source.objects(i), self.pool, rng)
 
     def positive(self, i: int, rng: np.random.Generator) -> str:
+        """A true caption of image i: with probability sentence_frac one sentence of the
+        complete caption alone (when it has several), else the complete caption with
+        probability complete_frac, else any of the image's captions."""
         captions = self.source.captions(i)
+        if self.sentence_frac and rng.random() < self.sentence_frac:
+            if sentences := match_claims(captions[0])[1:]:
+                return sentences[int(rng.integers(len(sentences)))]
         if rng.random() < self.complete_frac:
             return captions[0]
         return captions[int(rng.integers(len(captions)))]
@@ -463,6 +470,7 @@ def make_objectives(
                 mix.hard_kinds,
                 mix.align_rank,
                 mix.word_check,
+                mix.sentence_share or 0.0,
             )
     if mix.objectives.get(PRETRAIN, 0) > 0:
         if kind not in PRETRAIN_LOSSES:

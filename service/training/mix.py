@@ -21,8 +21,10 @@ twin when that is the false caption paired with it (0: off);
 word of a true caption not (0: off; needs a model whose config has `word_check`).
 `complete_share` (of true captions, the complete one rather than a partial one) and
 `hard_share` (of false captions, a one-change twin rather than another image's caption)
-override the alignment objectives' defaults (finetune.ALIGN_MIX). Every mix is recorded in
-the entry's manifest.
+override the alignment objectives' defaults (finetune.ALIGN_MIX); `sentence_share` (of
+true captions, one sentence of the complete caption alone, as `/v1/match` checks a text by
+sentence; its twins are of that sentence) is 0 unless set. Every mix is recorded in the
+entry's manifest.
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 WEIGHT_FIELDS = ("objectives", "vqa_sources", "vqa_families", "vqa_answers", "hard_kinds")
-SHARE_FIELDS = ("complete_share", "hard_share")
+SHARE_FIELDS = ("complete_share", "hard_share", "sentence_share")
 LOSS_WEIGHTS = ("align_rank", "word_check")
 MIX_FIELDS = (*WEIGHT_FIELDS, *LOSS_WEIGHTS, *SHARE_FIELDS)
 
@@ -51,6 +53,7 @@ class Mix:
     word_check: float = 0.0
     complete_share: float | None = None  # None: the objective's default
     hard_share: float | None = None
+    sentence_share: float | None = None  # None: 0
 
     def __post_init__(self):
         for name in SHARE_FIELDS:

@@ -22,6 +22,8 @@ How captions are read (the grammar of `service.data.language.captions`):
   circle above a blue shape") holds when some object matching the first description
   stands in that strict relation to another object matching the second.
 - "<n> shapes on a pastel background" holds when the scene has n objects.
+- A complete caption's relation sentence alone ("the small red circle is left of the
+  large blue triangle", as `/v1/match` checks it by sentence) reads as that relation.
 """
 
 from __future__ import annotations
@@ -130,6 +132,9 @@ def parse_caption(text: str) -> Caption:
             raise ValueError(f"cannot read the relation in {text!r}")
         rel = Relation(_parse_desc(m[2]), m[3], _parse_desc(m[5]), _article(m[1]))
         return Caption(groups=_parse_listing(listing), relation=rel)
+    if (m := _RELATION_SENTENCE.match(text)) and _article(m[1]) == _article(m[4]):
+        rel = Relation(_parse_desc(m[2]), m[3], _parse_desc(m[5]), _article(m[1]))
+        return Caption(relation=rel)
     if m := _RELATION_PHRASE.match(text):
         try:
             rel = Relation(_parse_desc(m[2]), m[3], _parse_desc(m[5]), "a", copula=False)
@@ -157,14 +162,13 @@ def render_caption(c: Caption) -> str:
         noun = "shape" if c.total == 1 else "shapes"
         return f"{NUMBER_WORDS[c.total]} {noun} on a pastel background"
     r = c.relation
-    if not c.groups:
+    if not c.groups and not r.copula:
         return f"{_named(r.subject, 'a')} {r.relation} {_named(r.object, 'a')}"
+    sentence = r and f"{_named(r.subject, r.article)} is {r.relation} {_named(r.object, r.article)}"
+    if not c.groups:
+        return sentence
     listing = _render_listing(c.groups)
-    if r is None:
-        return listing
-    return (
-        f"{listing}. {_named(r.subject, r.article)} is {r.relation} {_named(r.object, r.article)}"
-    )
+    return listing if r is None else f"{listing}. {sentence}"
 
 
 # ---------------------------------------------------------------- truth

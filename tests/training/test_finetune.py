@@ -141,6 +141,31 @@ def test_align_objective_pairs_true_captions_with_false_ones(tmp_path):
                 assert negative.text in others and negative.text not in own
 
 
+def test_sentence_share_draws_single_sentences_of_the_complete_caption(tmp_path):
+    """With sentence_frac 1, an image whose complete caption has a listing and a relation
+    sentence gives one of the two alone, true of the image, and its twin (the relation
+    sentence's: the relation turned) false; other images give their complete caption."""
+    data, features = write_tiny_split(tmp_path, "train", n=24)
+    source = PairSource.load(data, features, "train")
+    rng = np.random.default_rng(0)
+    objective = AlignObjective(source, load_tokenizer(), 1.0, 1.0, sentence_frac=1.0)
+    drawn, relation_twins = set(), 0
+    for i in range(len(source)):
+        complete, objects = source.captions(i)[0], source.objects(i)
+        listing, _, relation = complete.partition(". ")
+        for _ in range(6):
+            positive = objective.positive(i, rng)
+            assert positive in ((listing, relation) if relation else (complete,))
+            assert caption_holds(positive, objects)
+            drawn.add(positive)
+            negative = objective.negative(i, positive, rng)
+            assert not caption_holds(negative.text, objects)
+            if positive == relation and negative.kind == "relation":
+                assert negative.text.split(" is ")[0] == relation.split(" is ")[0]
+                relation_twins += 1
+    assert relation_twins > 0 and len(drawn) > len(source)
+
+
 def test_rank_pairs_set_a_true_caption_against_its_own_twin(tmp_path):
     data, features = write_tiny_split(tmp_path, "train", n=24)
     source = PairSource.load(data, features, "train")

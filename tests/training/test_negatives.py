@@ -150,3 +150,21 @@ def test_random_negative_gives_up_when_every_candidate_is_true():
 def test_unreadable_captions_raise(text):
     with pytest.raises(ValueError):
         parse_caption(text)
+
+
+def test_a_complete_captions_relation_sentence_alone_reads_as_its_relation():
+    """As `/v1/match` checks a text by sentence: "the X is left of the Y" alone parses back
+    to itself, holds for the scene, and its twin (the relation turned) is false."""
+    seen = 0
+    for r in RECORDS:
+        _, _, sentence = r["captions"][0].partition(". ")
+        if not sentence:
+            continue
+        seen += 1
+        c = parse_caption(sentence)
+        assert c.groups == () and c.relation.copula and render_caption(c) == sentence
+        assert caption_holds(sentence, r["objects"])
+        for neg in hard_negatives(sentence, r["objects"]):
+            assert neg.kind == "relation" and not caption_holds(neg.text, r["objects"])
+            assert parse_caption(neg.text).relation.relation != c.relation.relation
+    assert seen > 10
