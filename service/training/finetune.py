@@ -470,7 +470,7 @@ def make_objectives(
                 mix.hard_kinds,
                 mix.align_rank,
                 mix.word_check,
-                mix.sentence_share or 0.0,
+                mix.sentence_share,
             )
     if mix.objectives.get(PRETRAIN, 0) > 0:
         if kind not in PRETRAIN_LOSSES:

@@ -23,7 +23,7 @@ word of a true caption not (0: off; needs a model whose config has `word_check`)
 `hard_share` (of false captions, a one-change twin rather than another image's caption)
 override the alignment objectives' defaults (finetune.ALIGN_MIX); `sentence_share` (of
 true captions, one sentence of the complete caption alone, as `/v1/match` checks a text by
-sentence; its twins are of that sentence) is 0 unless set. Every mix is recorded in the
+sentence; its twins are of that sentence) defaults to 0. Every mix is recorded in the
 entry's manifest.
 """
 
@@ -53,7 +53,7 @@ class Mix:
     word_check: float = 0.0
     complete_share: float | None = None  # None: the objective's default
     hard_share: float | None = None
-    sentence_share: float | None = None  # None: 0
+    sentence_share: float = 0.0
 
     def __post_init__(self):
         for name in SHARE_FIELDS:

@@ -59,8 +59,8 @@ def _worker(out: Path, data_dir: Path, features_dir: Path) -> None:
     (out / f"rank{rank}.json").write_text(
         json.dumps({"ref": manifest.ref, "history": result.history})
     )
-    # both ranks tear gloo down together: once (of ~20 runs, under a loaded CPU) rank 0
-    # aborted ("terminate called without an active exception") while rank 1 still ran
+    # both ranks tear gloo down together: once, on a loaded CPU, rank 0 aborted
+    # ("terminate called without an active exception") while rank 1 still ran
     dist.barrier()
     dist.destroy_process_group()
 
