@@ -63,7 +63,7 @@ class DemoRecipe:
         }
     )
     # kept back for each backbone's evaluation still to run: on the 2-core CPU the test
-    # split took 7.0 (ViLBERT) and 3.7 (LXMERT) minutes (docs/experiments/demo-cpu/)
+    # split takes 8.2 (ViLBERT) and 2.2-3.7 (LXMERT) minutes (docs/experiments/demo-cpu/)
     eval_minutes: dict[str, float] = field(default_factory=lambda: {"vilbert": 10, "lxmert": 5})
     # what fine-tuning draws how often (service.training.mix.Mix fields; empty: uniform)
     finetune_mix: dict = field(default_factory=dict)
