@@ -63,8 +63,9 @@ def _store_verify(args: argparse.Namespace) -> None:
         print(f"ok  {m.ref}")
 
 
-def _command_line() -> str:
-    return "vqa " + " ".join(sys.argv[1:])
+def _command_line(args: argparse.Namespace) -> str:
+    """The command as typed, for manifests: `main`'s argv (sys.argv's by default)."""
+    return "vqa " + " ".join(args.argv)
 
 
 def _training_kwargs(args: argparse.Namespace) -> dict:
@@ -82,8 +83,24 @@ def _training_kwargs(args: argparse.Namespace) -> dict:
         checkpoint_dir=args.checkpoint_dir,
         device=args.device,
         max_seconds=args.max_seconds,
-        command=_command_line(),
+        config_overrides=_config_overrides(args),
+        command=_command_line(args),
     )
+
+
+def _config_overrides(args: argparse.Namespace) -> dict | None:
+    """--config's JSON object of config overrides, or None when not given."""
+    if not args.config:
+        return None
+    try:
+        overrides = json.loads(args.config)
+    except ValueError as exc:
+        raise CliError(f"--config is not JSON: {exc}") from exc
+    if not isinstance(overrides, dict):
+        raise CliError(
+            f"--config must be a JSON object, e.g. '{{\"hidden_size\": 384}}', not {args.config}"
+        )
+    return overrides
 
 
 def _train_pretrain(args: argparse.Namespace) -> None:
@@ -113,7 +130,7 @@ def _train_demo(args: argparse.Namespace) -> None:
     recipe = (
         DemoRecipe.from_json(args.recipe, **overrides) if args.recipe else DemoRecipe(**overrides)
     )
-    state = run_demo(args.work, args.store, recipe, device=args.device, command=_command_line())
+    state = run_demo(args.work, args.store, recipe, device=args.device, command=_command_line(args))
     print(json.dumps({k: v.get("ref", v.get("seconds")) for k, v in state.items()}, indent=2))
 
 
@@ -124,7 +141,7 @@ def _train_report_pretraining(args: argparse.Namespace) -> None:
 
     torch.set_num_threads(args.threads)
     out = run_pretraining_report(
-        args.data, args.features, args.work, args.out, command=_command_line()
+        args.data, args.features, args.work, args.out, command=_command_line(args)
     )
     print(f"wrote {out}")
 
@@ -144,7 +161,6 @@ def _train_finetune(args: argparse.Namespace) -> None:
         label_fraction=args.label_fraction,
         include_easyvqa=args.include_easyvqa,
         mix=mix,
-        config_overrides=json.loads(args.config) if args.config else None,
         **_training_kwargs(args),
     )
     print(f"wrote {m.ref} to {m.path}")
@@ -177,7 +193,7 @@ def _train_detector(args: argparse.Namespace) -> None:
         args.data,
         args.store,
         out_name=args.name,
-        config_overrides=json.loads(args.config) if args.config else None,
+        config_overrides=_config_overrides(args),
         steps=args.steps,
         batch_size=args.batch_size,
         lr=args.lr,
@@ -185,7 +201,7 @@ def _train_detector(args: argparse.Namespace) -> None:
         include_easyvqa=args.easyvqa,
         eval_every=args.eval_every,
         device=args.device,
-        command=_command_line(),
+        command=_command_line(args),
         half=not args.float32,
     )
     print(f"wrote {m.ref} to {m.path}")
@@ -238,6 +254,9 @@ def _add_training_args(p: argparse.ArgumentParser, steps: int, lr: float) -> Non
     p.add_argument("--device", default="cpu")
     p.add_argument(
         "--max-seconds", type=float, default=0, help="time box: schedule and stop follow it"
+    )
+    p.add_argument(
+        "--config", default=None, help='backbone config overrides as JSON: {"word_check": true}'
     )
 
 
@@ -358,9 +377,6 @@ def build_parser() -> argparse.ArgumentParser:
     fine.add_argument(
         "--mix", default=None, help="weights of objectives, VQA families, ... (JSON or file)"
     )
-    fine.add_argument(
-        "--config", default=None, help='backbone config overrides as JSON: {"word_check": true}'
-    )
     _add_training_args(fine, steps=2000, lr=5e-5)
     fine.set_defaults(func=_train_finetune)
     cal = train_sub.add_parser(
@@ -470,7 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv
     from service.errors import ServiceError
     from service.store import StoreError
 

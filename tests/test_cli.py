@@ -1,0 +1,36 @@
+"""The `vqa` command line: what its flags reach and how it refuses bad ones."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from service.cli import main
+from service.store import ModelStore
+from tests.training.pretrain_support import tiny_overrides, write_tiny_split
+
+
+def test_pretrain_config_overrides_reach_the_written_entry(tmp_path, capsys):
+    data, features = write_tiny_split(tmp_path, n=16)
+    config = {**tiny_overrides("lxmert"), "x_layers": 2}
+    argv = ["train", "pretrain", "--backbone", "lxmert", "--data", str(data)]
+    argv += ["--features", str(features), "--store", str(tmp_path / "store"), "--steps", "2"]
+    argv += ["--batch-size", "4", "--name", "wide", "--config", json.dumps(config)]
+    assert main(argv) == 0
+    assert "wrote wide@1" in capsys.readouterr().out
+    entry = ModelStore(tmp_path / "store").resolve("wide@1")
+    assert entry.config["x_layers"] == 2 and entry.config["hidden_size"] == config["hidden_size"]
+    assert "--config" in entry.command
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("{hidden_size: 384}", "--config is not JSON"), ("[384]", "must be a JSON object")],
+)
+@pytest.mark.parametrize("command", [["pretrain", "--backbone", "lxmert"], ["finetune"]])
+def test_a_bad_config_is_refused_before_any_work(tmp_path, capsys, command, value, message):
+    argv = ["train", *command, "--store", str(tmp_path / "store"), "--config", value]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "store").exists()
