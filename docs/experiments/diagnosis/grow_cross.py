@@ -8,6 +8,7 @@ of model_store/, not the repository's).
 """
 
 import sys
+from dataclasses import asdict
 
 import torch
 
@@ -22,9 +23,7 @@ PREFIX = "lxmert.encoder.x_layers."
 def grown(*args, **kwargs):
     model, manifest = load_entry(*args, **kwargs)
     old = model.config.x_layers
-    config = {**manifest.config, "x_layers": int(layers)}
-    config["num_qa_labels"] = model.config.num_qa_labels
-    big = build_backbone("lxmert", config)
+    big = build_backbone("lxmert", {**asdict(model.config), "x_layers": int(layers)})
     state = {}
     for k, v in model.state_dict().items():
         state[k] = v

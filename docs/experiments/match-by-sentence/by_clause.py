@@ -59,10 +59,11 @@ for name, claims in (("sentences", by_sentence), ("sentences and listed objects"
     val_scores = served_logits(forced, *scored["val"][1:])
     forced = replace(forced, bias=forced.bias - best_threshold(val_scores, scored["val"][0]))
     pairs, parts, owner = scored["test"]
-    a = accuracies(served_logits(forced, parts, owner), pairs)
+    scores = served_logits(forced, parts, owner)
+    a = accuracies(scores, pairs)
     print(
         f"| {name} (least over them) | {fitted.by_sentence} | {100 * a['random']:.1f}% "
         f"| {100 * a['hard']:.1f}% | {100 * a['partial']:.1f}% |"
     )
-    kinds = match_report(served_logits(forced, parts, owner), pairs)["hard"]["by_kind"]
+    kinds = match_report(scores, pairs)["hard"]["by_kind"]
     print("|", ", ".join(f"{k} {100 * v:.1f}" for k, v in kinds.items()), "| | | | |")
