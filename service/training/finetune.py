@@ -74,7 +74,13 @@ from service.training.examples import PairSource, answer_targets, feature_path
 from service.training.loop import TrainConfig, model_device, to_device, train
 from service.training.metrics import paired_iou
 from service.training.mix import Mix, item_weights, weighted_choice
-from service.training.negatives import by_kind, hard_negatives, pick_hard_negative, random_negative
+from service.training.negatives import (
+    by_kind,
+    hard_negatives,
+    pick_hard_negative,
+    random_negative,
+    turned_question,
+)
 from service.training.pretrain import PRETRAIN_LOSSES, PretrainData, default_config
 
 TASKS = ("vqa", "retrieval", "grounding", "match", "all")
@@ -208,7 +214,8 @@ class GroundBatch:
 
 class VqaObjective(Objective):
     """Questions of one or more PairSources: uniformly over all questions, or weighted by
-    source, family and gold answer (`Mix.vqa_sources`, `vqa_families`, `vqa_answers`)."""
+    source, family and gold answer (`Mix.vqa_sources`, `vqa_families`, `vqa_answers`).
+    With `Mix.vqa_turned`, yes/no relation questions bring their turned twins along."""
 
     def __init__(
         self,
@@ -236,17 +243,27 @@ class VqaObjective(Objective):
                 (sources[s].records[i].get("source", ""), q.get("family", ""), q["answer"])
             )
         self.weights = item_weights(labels, mix.vqa_sources, mix.vqa_families, mix.vqa_answers)
+        self.turned = mix.vqa_turned
 
     def prepare(self, rng: np.random.Generator, n: int, device: torch.device) -> VqaBatch:
         texts, regions, targets = [], [], []
         for j in weighted_choice(self.weights, rng, n, len(self.items)):
             s, i, k = self.items[int(j)]
-            q = self.sources[s].questions(i)[k]
-            texts.append(q["question"])
-            regions.append(self.sources[s].region_set(i))
-            targets.append(answer_targets(q["answer"], self.index))
+            for question, answer in self._drawn(s, i, k, rng):
+                texts.append(question)
+                regions.append(self.sources[s].region_set(i))
+                targets.append(answer_targets(answer, self.index))
         batch = collate(texts, regions, self.tokenizer, self.max_length)
         return to_device(VqaBatch(batch, torch.stack(targets)), device)
+
+    def _drawn(self, s: int, i: int, k: int, rng: np.random.Generator) -> list[tuple[str, str]]:
+        """[(question, answer)]: the drawn question, and its turned twin when one is due."""
+        q = self.sources[s].questions(i)[k]
+        out = [(q["question"], q["answer"])]
+        if self.turned > 0 and q.get("family") == "relation" and rng.random() < self.turned:
+            if twin := turned_question(q["question"], self.sources[s].objects(i)):
+                out.append(twin)
+        return out
 
     def loss(self, model: nn.Module, prepared: VqaBatch) -> dict[str, Tensor]:
         loss = vqa_loss(model.answer(prepared.batch), prepared.targets)

@@ -23,8 +23,10 @@ word of a true caption not (0: off; needs a model whose config has `word_check`)
 `hard_share` (of false captions, a one-change twin rather than another image's caption)
 override the alignment objectives' defaults (finetune.ALIGN_MIX); `sentence_share` (of
 true captions, one sentence of the complete caption alone, as `/v1/match` checks a text by
-sentence; its twins are of that sentence) defaults to 0. Every mix is recorded in the
-entry's manifest.
+sentence; its twins are of that sentence) defaults to 0. `vqa_turned` (of the yes/no
+relation questions drawn, those joined in the same batch by their turned twin, "left of"
+<-> "right of" and "above" <-> "below", with its own answer: a minimal pair that only the
+relation word tells apart) defaults to 0. Every mix is recorded in the entry's manifest.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 WEIGHT_FIELDS = ("objectives", "vqa_sources", "vqa_families", "vqa_answers", "hard_kinds")
-SHARE_FIELDS = ("complete_share", "hard_share", "sentence_share")
+SHARE_FIELDS = ("complete_share", "hard_share", "sentence_share", "vqa_turned")
 LOSS_WEIGHTS = ("align_rank", "word_check")
 MIX_FIELDS = (*WEIGHT_FIELDS, *LOSS_WEIGHTS, *SHARE_FIELDS)
 
@@ -54,6 +56,7 @@ class Mix:
     complete_share: float | None = None  # None: the objective's default
     hard_share: float | None = None
     sentence_share: float = 0.0
+    vqa_turned: float = 0.0
 
     def __post_init__(self):
         for name in SHARE_FIELDS:

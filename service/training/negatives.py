@@ -35,7 +35,14 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from service.data.language import NUMBER_WORDS, RELATIONS, phrase, plural, relation_holds
+from service.data.language import (
+    NUMBER_WORDS,
+    RELATIONS,
+    phrase,
+    plural,
+    relation_clear,
+    relation_holds,
+)
 from service.data.shapes import COLORS, SHAPES, SIZES, ShapeObject
 
 NEGATIVE_KINDS = ("color", "size", "shape", "count", "relation")
@@ -45,6 +52,7 @@ _SLOT = {"size": 0, "color": 1, "shape": 2}
 _REL = "|".join(RELATIONS)
 _RELATION_SENTENCE = re.compile(rf"^(the|an?) (.+?) is ({_REL}) (the|an?) (.+)$")
 _RELATION_PHRASE = re.compile(rf"^(an?) (.+?) ({_REL}) (an?) (.+)$")
+_RELATION_QUESTION = re.compile(rf"^is the (.+?) ((?:located )?)({_REL}) the (.+)\?$")
 _BACKGROUND = re.compile(r"^(\w+) shapes? on a pastel background$")
 
 Desc = tuple[str | None, str | None, str | None]  # (size, colour, shape); None = unsaid
@@ -221,6 +229,32 @@ def caption_holds(text: str, objects: Sequence[ShapeObject | dict]) -> bool:
     if c.groups and not _listing_holds(c.groups, objs):
         return False
     return c.relation is None or _relation_holds(c.relation, objs)
+
+
+def turned_question(question: str, objects: Sequence[ShapeObject | dict]) -> tuple[str, str] | None:
+    """A yes/no relation question ("is the red circle left of the blue square?") with its
+    relation turned to the opposite, and the turned question's answer for `objects`.
+
+    None when the text is not such a question, a description does not pick out exactly
+    one object, or the turned relation is in doubt (boxes overlapping on its axis), as the
+    generator never asks those.
+    """
+    m = _RELATION_QUESTION.match(question)
+    if m is None:
+        return None
+    p, located, rel, q = m.groups()
+    objs = [_as_object(o) for o in objects]
+    try:
+        pick = [[o for o in objs if _fits(o, _parse_desc(d))] for d in (p, q)]
+    except ValueError:
+        return None
+    if any(len(found) != 1 for found in pick) or pick[0][0] is pick[1][0]:
+        return None
+    a, b, turned = pick[0][0].box, pick[1][0].box, OPPOSITE[rel]
+    if not relation_clear(a, b, turned):
+        return None
+    answer = "yes" if relation_holds(a, b, turned) else "no"
+    return f"is the {p} {located}{turned} the {q}?", answer
 
 
 # ---------------------------------------------------------------- hard negatives

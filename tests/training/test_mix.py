@@ -7,6 +7,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 
 from service.data.language import ANSWERS
 from service.data.tokenizer import load_tokenizer
@@ -122,6 +123,36 @@ def test_vqa_objective_weights_follow_each_questions_family_and_answer(tmp_path)
     for q, w in zip(questions, objective.weights, strict=True):
         expected = {"count": 0.0, "relation": 5.0}.get(q["family"], 1.0)
         assert w == expected * (3.0 if q["answer"] == "yes" else 1.0)
+
+
+def test_turned_relation_questions_join_their_twins_in_the_batch(tmp_path):
+    data, features = write_tiny_split(tmp_path, "train", n=16)
+    source = PairSource.load(data, features, "train")
+    tok = load_tokenizer()
+    only_relations = {f: 0 for f in ("exist", "count", "color", "shape", "size")}
+    plain = VqaObjective([source], ANSWERS, tok, mix=Mix(vqa_families=only_relations))
+    mix = Mix(vqa_families=only_relations, vqa_turned=1.0)
+    turned = VqaObjective([source], ANSWERS, tok, mix=mix)
+    batch = plain.prepare(np.random.default_rng(0), 32, torch.device("cpu"))
+    assert batch.targets.shape[0] == 32
+    batch = turned.prepare(np.random.default_rng(0), 32, torch.device("cpu"))
+    texts = tok.batch_decode(batch.batch.input_ids, skip_special_tokens=True)
+    answers = [ANSWERS[int(t.argmax())] for t in batch.targets]
+    twins, k = [], 0  # a drawn question is followed by its twin, if any
+    while k < len(texts) - 1:
+        if texts[k + 1] == _turned_words(texts[k]):
+            twins.append(k)
+            k += 1
+        k += 1
+    assert len(texts) == 32 + len(twins) and twins
+    assert all(answers[k] != answers[k + 1] for k in twins)
+
+
+def _turned_words(text: str) -> str:
+    for a, b in (("left of", "right of"), ("right of", "left of"), ("above", "below")):
+        if f" {a} " in text:
+            return text.replace(f" {a} ", f" {b} ")
+    return text.replace(" below ", " above ")
 
 
 def test_finetune_follows_the_mix_and_records_it(tmp_path):

@@ -16,6 +16,7 @@ from service.training.negatives import (
     random_negative,
     render_caption,
     sample_hard_negative,
+    turned_question,
 )
 
 
@@ -168,3 +169,43 @@ def test_a_complete_captions_relation_sentence_alone_reads_as_its_relation():
             assert neg.kind == "relation" and not caption_holds(neg.text, r["objects"])
             assert parse_caption(neg.text).relation.relation != c.relation.relation
     assert seen > 10
+
+
+def test_turned_question_turns_the_relation_and_its_answer():
+    objects = [
+        ShapeObject("circle", "red", "small", (0, 0, 10, 10)),
+        ShapeObject("rectangle", "blue", "large", (40, 30, 70, 60)),
+        ShapeObject("circle", "green", "small", (55, 0, 65, 10)),  # above the rectangle
+    ]
+    assert turned_question("is the red circle left of the large rectangle?", objects) == (
+        "is the red circle right of the large rectangle?",
+        "no",
+    )
+    assert turned_question("is the blue shape located above the red shape?", objects) == (
+        "is the blue shape located below the red shape?",
+        "yes",
+    )
+    # the green circle overlaps the rectangle, its centre right of the rectangle's:
+    # not left of it, but not clearly right of it either
+    assert turned_question("is the green circle left of the rectangle?", objects) is None
+    # "circle" names two objects; not a yes/no relation question; no such object
+    assert turned_question("is the circle left of the rectangle?", objects) is None
+    assert turned_question("what color is the circle left of the rectangle?", objects) is None
+    assert turned_question("is the purple square left of the rectangle?", objects) is None
+
+
+def test_turned_questions_of_generated_scenes_flip_the_generators_answer():
+    turned = 0
+    for r in _records(200, "train"):
+        for q in r["questions"]:
+            if q["family"] != "relation" or q["answer"] not in ("yes", "no"):
+                continue
+            twin = turned_question(q["question"], r["objects"])
+            if twin is not None:
+                turned += 1
+                other = "yes" if q["answer"] == "no" else "no"
+                # the only answers that stay are boxes with equal centres on the axis
+                assert twin[1] == other or q["answer"] == "no", (q, twin)
+            elif q["answer"] == "yes":
+                raise AssertionError(f"a relation that holds must turn: {q}")
+    assert turned > 20
