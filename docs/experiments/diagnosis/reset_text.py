@@ -1,9 +1,10 @@
 """ViLBERT@3 with its text prefix (the text embeddings and the text layers before the first
 co-attention layer) put back to the packaged MiniLM's weights and frozen, then fine-tuned on
-task "all" with ../gpu-continue/mix.json; writes `vilbert-reset` into STORE, which must
-hold shapes-vilbert@3 and shapes-detector@1 (a copy of model_store/, not the repository's).
+task "all" with ../gpu-continue/mix.json (or the mix file MIX); writes `vilbert-reset` into
+STORE, which must hold shapes-vilbert@3 and shapes-detector@1 (a copy of model_store/, not
+the repository's).
 
-    python docs/experiments/diagnosis/reset_text.py STORE FEATURES DATA SECONDS
+    python docs/experiments/diagnosis/reset_text.py STORE FEATURES DATA SECONDS [MIX]
 """
 
 import sys
@@ -15,6 +16,7 @@ from service.data.tokenizer import minilm_dir
 from service.models.vilbert_checkpoint import init_text_from_bert
 
 store, features, data, seconds = sys.argv[1:5]
+mix = sys.argv[5] if len(sys.argv) > 5 else "docs/experiments/gpu-continue/mix.json"
 load_entry = finetune._init_model
 
 
@@ -45,7 +47,7 @@ entry = finetune.run_finetune(
     lr=1e-4,
     include_easyvqa=True,
     max_seconds=float(seconds),
-    mix="docs/experiments/gpu-continue/mix.json",
-    command="docs/experiments/diagnosis/reset_text.py",
+    mix=mix,
+    command="docs/experiments/diagnosis/reset_text.py " + " ".join(sys.argv[1:]),
 )
 print("wrote", entry.ref)
