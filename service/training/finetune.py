@@ -249,9 +249,10 @@ class VqaObjective(Objective):
         texts, regions, targets = [], [], []
         for j in weighted_choice(self.weights, rng, n, len(self.items)):
             s, i, k = self.items[int(j)]
+            region_set = self.sources[s].region_set(i)
             for question, answer in self._drawn(s, i, k, rng):
                 texts.append(question)
-                regions.append(self.sources[s].region_set(i))
+                regions.append(region_set)
                 targets.append(answer_targets(answer, self.index))
         batch = collate(texts, regions, self.tokenizer, self.max_length)
         return to_device(VqaBatch(batch, torch.stack(targets)), device)

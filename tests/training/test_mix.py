@@ -14,7 +14,7 @@ from service.data.tokenizer import load_tokenizer
 from service.training.examples import PairSource
 from service.training.finetune import ALIGN_MIX, VqaObjective, make_objectives, run_finetune
 from service.training.mix import Mix, item_weights, weighted_choice
-from service.training.negatives import Negative, pick_hard_negative
+from service.training.negatives import OPPOSITE, Negative, pick_hard_negative
 from tests.training.pretrain_support import tiny_overrides, write_tiny_split
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -149,10 +149,8 @@ def test_turned_relation_questions_join_their_twins_in_the_batch(tmp_path):
 
 
 def _turned_words(text: str) -> str:
-    for a, b in (("left of", "right of"), ("right of", "left of"), ("above", "below")):
-        if f" {a} " in text:
-            return text.replace(f" {a} ", f" {b} ")
-    return text.replace(" below ", " above ")
+    rel = next((r for r in OPPOSITE if f" {r} " in text), None)
+    return text.replace(f" {rel} ", f" {OPPOSITE[rel]} ") if rel else text
 
 
 def test_finetune_follows_the_mix_and_records_it(tmp_path):

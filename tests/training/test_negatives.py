@@ -188,9 +188,10 @@ def test_turned_question_turns_the_relation_and_its_answer():
     # the green circle overlaps the rectangle, its centre right of the rectangle's:
     # not left of it, but not clearly right of it either
     assert turned_question("is the green circle left of the rectangle?", objects) is None
-    # "circle" names two objects; not a yes/no relation question; no such object
+    # "circle" names two objects; not a yes/no relation question; no such object; no shape
     assert turned_question("is the circle left of the rectangle?", objects) is None
     assert turned_question("what color is the circle left of the rectangle?", objects) is None
+    assert turned_question("is the purple circle left of the rectangle?", objects) is None
     assert turned_question("is the purple square left of the rectangle?", objects) is None
 
 
