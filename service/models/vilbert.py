@@ -89,6 +89,11 @@ class ViLBertConfig:
     # ours: `match` also asks the per-token head (token_head) which words are false
     word_check: bool = False
     initializer_range: float = 0.02
+    # ours: std of the box projection's initial weights (None: initializer_range, as
+    # released). Region features are far larger than the 5-d box, so at the released
+    # scale the box starts as ~2% of a region's embedding and fades through the layers
+    # (docs/experiments/diagnosis/, section 10).
+    box_init_std: float | None = None
     layer_norm_eps: float = 1e-12
 
     def __post_init__(self) -> None:
@@ -107,6 +112,8 @@ class ViLBertConfig:
         ):
             if width % heads:
                 raise ValueError(f"width {width} is not a multiple of {heads} heads")
+        if self.box_init_std is not None and not self.box_init_std > 0:
+            raise ValueError(f"box_init_std must be > 0, not {self.box_init_std}")
 
 
 class Attention(nn.Module):
@@ -369,6 +376,8 @@ class ViLBertModel(nn.Module):
         self.dual = DualEncoderHeads(c)
         self.dropout = nn.Dropout(c.head_dropout_prob)
         self.apply(self._init_weights)
+        if c.box_init_std is not None:
+            nn.init.normal_(self.image_embeddings.location.weight, std=c.box_init_std)
         if c.word_check:
             nn.init.constant_(self.token_head.bias, WORD_CHECK_PRIOR)
 

@@ -166,6 +166,16 @@ def test_config_rejects_mismatched_coattention_schedule():
         ViLBertConfig(**{**TINY, "t_biattention_id": [2, 1]})
 
 
+def test_box_init_std_sets_only_the_box_projections_starting_scale():
+    released, louder = tiny_model(seed=0), tiny_model(seed=0, box_init_std=0.6)
+    assert released.image_embeddings.location.weight.std().item() == pytest.approx(0.02, rel=0.2)
+    assert louder.image_embeddings.location.weight.std().item() == pytest.approx(0.6, rel=0.2)
+    others = {k for k in released.state_dict() if k != "image_embeddings.location.weight"}
+    assert all(torch.equal(released.state_dict()[k], louder.state_dict()[k]) for k in others)
+    with pytest.raises(ValueError, match="box_init_std"):
+        ViLBertConfig(**{**TINY, "box_init_std": 0.0})
+
+
 # ---- forward / backward ------------------------------------------------------------------
 
 

@@ -1,10 +1,10 @@
-"""ViLBERT@3 with its text prefix (the text embeddings and the text layers before the first
-co-attention layer) put back to the packaged MiniLM's weights and frozen, then fine-tuned on
-task "all" with ../gpu-continue/mix.json (or the mix file MIX); writes `vilbert-reset` into
-STORE, which must hold shapes-vilbert@3 and shapes-detector@1 (a copy of model_store/, not
-the repository's).
+"""ViLBERT@3 (or the entry INIT of STORE) with its text prefix (the text embeddings and the
+text layers before the first co-attention layer) put back to the packaged MiniLM's weights
+and frozen, then fine-tuned on task "all" with ../gpu-continue/mix.json (or the mix file
+MIX); writes `vilbert-reset` into STORE, which must hold shapes-vilbert@3 (or INIT) and
+shapes-detector@1 (a copy of model_store/, not the repository's).
 
-    python docs/experiments/diagnosis/reset_text.py STORE FEATURES DATA SECONDS [MIX]
+    python docs/experiments/diagnosis/reset_text.py STORE FEATURES DATA SECONDS [MIX [INIT]]
 """
 
 import sys
@@ -17,6 +17,7 @@ from service.models.vilbert_checkpoint import init_text_from_bert
 
 store, features, data, seconds = sys.argv[1:5]
 mix = sys.argv[5] if len(sys.argv) > 5 else "docs/experiments/gpu-continue/mix.json"
+init = sys.argv[6] if len(sys.argv) > 6 else "shapes-vilbert@3"
 load_entry = finetune._init_model
 
 
@@ -37,7 +38,7 @@ finetune._init_model = with_minilm_prefix
 torch.set_num_threads(2)
 entry = finetune.run_finetune(
     "all",
-    "shapes-vilbert@3",
+    init,
     features_dir=features,
     data_dir=data,
     store_root=store,
