@@ -10,18 +10,15 @@ of model_store/, not the repository's).
 import sys
 from dataclasses import asdict
 
-import torch
+from transformed import finetune_transformed
 
-import service.training.finetune as finetune
 from service.models.backbone import build_backbone
 
 store, features, data, seconds, layers = sys.argv[1:6]
-load_entry = finetune._init_model
 PREFIX = "lxmert.encoder.x_layers."
 
 
-def grown(*args, **kwargs):
-    model, manifest = load_entry(*args, **kwargs)
+def grown(model):
     old = model.config.x_layers
     big = build_backbone("lxmert", {**asdict(model.config), "x_layers": int(layers)})
     state = {}
@@ -33,14 +30,13 @@ def grown(*args, **kwargs):
                 state[f"{PREFIX}{i}.{rest}"] = v.clone()
     big.load_state_dict(state)
     print(f"cross-modality layers {old} -> {layers}", flush=True)
-    return big, manifest
+    return big
 
 
-finetune._init_model = grown
-torch.set_num_threads(2)
-entry = finetune.run_finetune(
-    "match",
-    "shapes-lxmert@4",
+finetune_transformed(
+    grown,
+    task="match",
+    init="shapes-lxmert@4",
     features_dir=features,
     data_dir=data,
     store_root=store,
@@ -52,4 +48,3 @@ entry = finetune.run_finetune(
     mix={"align_rank": 1, "complete_share": 1, "hard_share": 1, "word_check": 1},
     command="docs/experiments/diagnosis/grow_cross.py",
 )
-print("wrote", entry.ref)

@@ -14,38 +14,29 @@ its keys, and only changes the weights' starting point.
 import sys
 
 import torch
-
-import service.training.finetune as finetune
+from transformed import VILBERT_CONTINUATION, finetune_transformed
 
 store, features, data, seconds, factor = sys.argv[1:6]
 mix = sys.argv[6] if len(sys.argv) > 6 else "docs/experiments/diagnosis/turned_mix.json"
-load_entry = finetune._init_model
 
 
-def with_louder_boxes(*args, **kwargs):
-    model, manifest = load_entry(*args, **kwargs)
+def with_louder_boxes(model):
     with torch.no_grad():
         model.image_embeddings.location.weight.mul_(float(factor))
         model.image_embeddings.location.bias.mul_(float(factor))
     print(f"box projection x{factor}", flush=True)
-    return model, manifest
+    return model
 
 
-finetune._init_model = with_louder_boxes
-torch.set_num_threads(2)
-entry = finetune.run_finetune(
-    "all",
-    "shapes-vilbert@3",
+finetune_transformed(
+    with_louder_boxes,
+    **VILBERT_CONTINUATION,
+    init="shapes-vilbert@3",
     features_dir=features,
     data_dir=data,
     store_root=store,
     out_name="vilbert-loc",
-    steps=5000,
-    batch_size=64,
-    lr=1e-4,
-    include_easyvqa=True,
     max_seconds=float(seconds),
     mix=mix,
     command="docs/experiments/diagnosis/scale_location.py " + " ".join(sys.argv[1:]),
 )
-print("wrote", entry.ref)
