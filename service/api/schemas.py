@@ -94,7 +94,8 @@ class TextScore(BaseModel):
         description="probability that the text describes the image; above 0.5 is a match "
         "(calibrated on validation pairs when the model lists a match_calibration; with "
         "its by_sentence, a text of several sentences also has each sentence checked alone "
-        "and gets the lowest score)"
+        "and gets the lowest score; with its claims, a shapes-world caption also has each "
+        "claim it makes asked of the VQA head, and scores no higher than its least sure one)"
     )
 
 
@@ -164,8 +165,10 @@ class ModelInfo(BaseModel):
     match_calibration: dict | None = Field(
         None,
         description="how /v1/match combines the alignment head's logit with the embeddings' "
-        "cosine, and whether it checks each sentence of a text alone (by_sentence; fitted by "
-        "`vqa train calibrate`); null: the head's logit alone",
+        "cosine, whether it checks each sentence of a text alone (by_sentence) and each "
+        "claim of a caption with the VQA head (claims: the threshold on the least claim "
+        "margin; null: not asked); fitted by `vqa train calibrate`; null: the head's logit "
+        "alone",
     )
 
 

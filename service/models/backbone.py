@@ -149,13 +149,17 @@ class MatchCalibration:
     the bias so that logit > 0 (p > 0.5) is "match". The head alone misses near-duplicate
     captions that the embeddings tell apart (docs/experiments/match-calibration.md).
     With `by_sentence`, a text of several sentences is also checked sentence by sentence
-    and gets the least logit (`match_claims`).
+    and gets the least logit (`match_claims`). With `claims` set, a text whose claims the
+    caller can put as questions (`service.data.captions.claim_questions`) is also checked
+    claim by claim by the VQA head: its logit is at most its least claim margin
+    (`claim_margins`) less `claims` (docs/experiments/diagnosis/, section 12).
     """
 
     head: float
     cosine: float
     bias: float
     by_sentence: bool = False  # a text's logit: the least of its `match_claims`' logits
+    claims: float | None = None  # the threshold on a text's least claim margin; None: unasked
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | None) -> MatchCalibration | None:
@@ -163,10 +167,19 @@ class MatchCalibration:
         if not d:
             return None
         by_sentence = bool(d.get("by_sentence", False))
-        return cls(float(d["head"]), float(d["cosine"]), float(d["bias"]), by_sentence)
+        claims = None if d.get("claims") is None else float(d["claims"])
+        head, cosine, bias = float(d["head"]), float(d["cosine"]), float(d["bias"])
+        return cls(head, cosine, bias, by_sentence, claims)
 
     def logit(self, head_logit: Tensor, cosine: Tensor) -> Tensor:
         return self.head * head_logit + self.cosine * cosine / EMBED_TEMPERATURE + self.bias
+
+    def with_claims(self, logits: Tensor, least_margin: Tensor) -> Tensor:
+        """(N,) served logits (N,) capped by each text's least claim margin (N,) less the
+        `claims` threshold; a text without claims (margin +inf) keeps its logit."""
+        if self.claims is None:
+            return logits
+        return torch.minimum(logits, least_margin.to(logits) - self.claims)
 
 
 def match_parts(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
@@ -205,6 +218,20 @@ def expand_claims(texts: Sequence[str], by_sentence: bool) -> tuple[list[str], T
     claims = [match_claims(t) for t in texts]
     owner = [i for i, c in enumerate(claims) for _ in c]
     return [c for cs in claims for c in cs], torch.tensor(owner, dtype=torch.long)
+
+
+UNANSWERABLE = -100.0  # a claim's margin when the head has no such answer ("7 shapes")
+
+
+def claim_margins(answer_logits: Tensor, expected: Tensor) -> Tensor:
+    """(Q,) how firmly the VQA head gives each claim's stated answer: its logit less the
+    best other answer's, from the answer logits (Q, A) and the stated answers' indices
+    (Q,) (-1: not an answer the head has, UNANSWERABLE)."""
+    known = expected >= 0
+    index = expected.clamp(min=0)[:, None]
+    stated = answer_logits.gather(1, index).squeeze(1)
+    others = answer_logits.scatter(1, index, float("-inf")).max(1).values
+    return torch.where(known, stated - others, torch.full_like(stated, UNANSWERABLE))
 
 
 def least_per_text(logits: Tensor, owner: Tensor, n: int) -> Tensor:

@@ -15,12 +15,14 @@ import numpy as np
 import torch
 from PIL import Image
 
+from service.data.captions import expand_claim_questions
 from service.data.collate import MAX_TEXT_TOKENS, RegionSet, collate, normalise_boxes
 from service.data.tokenizer import load_tokenizer
 from service.errors import NotFound
 from service.models.backbone import (
     MatchCalibration,
     build_backbone,
+    claim_margins,
     expand_claims,
     least_per_text,
     match_logits,
@@ -158,15 +160,32 @@ class Worker:
         return [row[: len(it.regions)] for row, it in zip(logits, items, strict=True)]
 
     def _match(self, backbone: LoadedBackbone, items: list[EncodeItem]) -> list[float]:
-        """Match logits as served: calibrated, and sentence by sentence, as the manifest
-        says (`MatchCalibration`)."""
+        """Match logits as served: calibrated, sentence by sentence and claim by claim, as
+        the manifest says (`MatchCalibration`)."""
         calibration = backbone.calibration
         by_sentence = calibration is not None and calibration.by_sentence
         texts, owner = expand_claims([it.text for it in items], by_sentence)
         regions = [items[i].regions for i in owner.tolist()]
         batch = collate(texts, regions, backbone.tokenizer).to(self.device, self.dtype)
         logits = match_logits(backbone.module, batch, calibration).float().cpu()
-        return least_per_text(logits, owner, len(items)).tolist()
+        logits = least_per_text(logits, owner, len(items))
+        if calibration is not None and calibration.claims is not None:
+            logits = calibration.with_claims(logits, self._least_claim_margins(backbone, items))
+        return logits.tolist()
+
+    def _least_claim_margins(self, backbone: LoadedBackbone, items: list[EncodeItem]):
+        """(N,) each text's least claim margin (`claim_margins`); +inf for a text
+        without claims."""
+        questions, expected, owner = expand_claim_questions(
+            [it.text for it in items], backbone.answers
+        )
+        if not questions:
+            return torch.full((len(items),), float("inf"))
+        regions = [items[i].regions for i in owner]
+        batch = collate(questions, regions, backbone.tokenizer).to(self.device, self.dtype)
+        answers = backbone.module.answer(batch).float().cpu()
+        margins = claim_margins(answers, torch.tensor(expected))
+        return least_per_text(margins, torch.tensor(owner), len(items))
 
     @torch.inference_mode()
     def embed_images(self, backbone: LoadedBackbone, regions: list[RegionSet]) -> np.ndarray:

@@ -11,11 +11,14 @@ share of them called a match counts in that sum: fitted on complete captions alo
 calibration called only 14-21% of them a match on test (the head alone 92-94%). Kept
 only when it beats the head alone on that split; fine-tuning for matching fits it as its
 last step. Texts of several sentences may also be checked sentence by sentence
-(`MatchCalibration.by_sentence`): kept when that does better on the same pairs.
+(`MatchCalibration.by_sentence`): kept when that does better on the same pairs; and so
+may each caption's claims, asked of the model's VQA head (`MatchCalibration.claims`,
+docs/experiments/diagnosis/, section 12).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -29,6 +32,7 @@ from service.training.evaluate import (
     MatchPairs,
     check_detector,
     draw_match_pairs,
+    least_claim_margins,
     load_model,
     match_pair_parts,
     match_report,
@@ -82,14 +86,16 @@ def best_threshold(scores: Tensor, pairs: MatchPairs) -> float:
 
 
 def fit_match_calibration(
-    parts: Tensor, pairs: MatchPairs, owner: Tensor | None = None
+    parts: Tensor, pairs: MatchPairs, owner: Tensor | None = None, claims: Tensor | None = None
 ) -> tuple[MatchCalibration, dict]:
     """The calibration fitted on `parts` ((C, 2): head logit, cosine, and the text index
     `owner` (C,) of each row, as `match_pair_parts` gives them; owner None: one row per
     text), complete and partial captions the positives, and the accuracies with and
     without it. The logistic is fitted on the texts as they are; where `parts` also hold
     texts' single sentences, checking those too (`MatchCalibration.by_sentence`, with its
-    own threshold) is kept when it does better."""
+    own threshold) is kept when it does better; so is checking claims, given each text's
+    least claim margin (N,) (`least_claim_margins`), with the two thresholds fitted
+    together (`fit_claims`)."""
     owner = torch.arange(len(parts)) if owner is None else owner
     whole = parts[own_rows(owner)]
     labels = torch.zeros(len(whole))
@@ -106,21 +112,54 @@ def fit_match_calibration(
         accuracy["by_sentence" if by_sentence else "whole_text"] = measured
         candidates.append((_total(measured), by_sentence, calibration, measured))
     _, _, calibration, accuracy["calibrated"] = max(candidates, key=lambda c: (c[0], not c[1]))
+    if claims is not None and torch.isfinite(claims).any():
+        shift, threshold = fit_claims(served_logits(calibration, parts, owner), claims, pairs)
+        checked = replace(calibration, bias=calibration.bias - shift, claims=threshold)
+        accuracy["claims"] = accuracies(served_logits(checked, parts, owner, claims), pairs)
+        if _total(accuracy["claims"]) > _total(accuracy["calibrated"]):
+            calibration, accuracy["calibrated"] = checked, accuracy["claims"]
     return calibration, accuracy
 
 
+def fit_claims(logits: Tensor, claims: Tensor, pairs: MatchPairs) -> tuple[float, float]:
+    """The shift of the served logits (N,) and the claim threshold that together give the
+    best `_total` for min(logits - shift, claims - threshold): each over 41 quantiles."""
+    shifts = np.quantile(logits.numpy(), np.linspace(0.01, 0.99, 41))
+    finite = claims[torch.isfinite(claims)].numpy()
+    thresholds = np.quantile(finite, np.linspace(0.01, 0.99, 41))
+    scored = (
+        (_total(accuracies(torch.minimum(logits - s, claims - t), pairs)), float(s), float(t))
+        for s in (0.0, *shifts)
+        for t in thresholds
+    )
+    _, shift, threshold = max(scored)
+    return shift, threshold
+
+
 def calibrate_model(
-    model, tokenizer, source: PairSource, split: str, seed: int = 0, **common
+    model,
+    tokenizer,
+    source: PairSource,
+    split: str,
+    seed: int = 0,
+    answers: Sequence[str] | None = None,
+    **common,
 ) -> dict | None:
     """The manifest's `match_calibration` for an eval-mode model, fitted on every image
-    of `source` (the `split` named); None when it does not beat the head alone there."""
+    of `source` (the `split` named); None when it does not beat the head alone there.
+    Given the model's `answers`, checking claims with its VQA head is tried too."""
     pairs = draw_match_pairs(source, None, seed)
     if not pairs.random and not pairs.hard:
         return None  # nothing to fit on
     parts, owner = match_pair_parts(
         model, tokenizer, pairs.texts, pairs.regions, by_sentence=True, **common
     )
-    calibration, accuracy = fit_match_calibration(parts, pairs, owner)
+    claims = None
+    if answers:
+        claims = least_claim_margins(
+            model, tokenizer, answers, pairs.texts, pairs.regions, **common
+        )
+    calibration, accuracy = fit_match_calibration(parts, pairs, owner, claims)
     if _total(accuracy["calibrated"]) <= _total(accuracy["head"]):
         return None
     fitted_on = {"split": split, "images": len(pairs.positives), "seed": seed, "accuracy": accuracy}
@@ -147,6 +186,6 @@ def run_calibrate(
     source = PairSource.load(data_dir, features_dir, split)
     check_detector(manifest, source)
     calibration = calibrate_model(
-        model, tokenizer, source, split, seed, device=device, progress=progress
+        model, tokenizer, source, split, seed, manifest.answers, device=device, progress=progress
     )
     return store.update_manifest(manifest, match_calibration=calibration)

@@ -46,6 +46,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from service.data.captions import expand_claim_questions
 from service.data.collate import MAX_TEXT_TOKENS, RegionSet, collate
 from service.data.language import FAMILIES
 from service.data.tokenizer import load_tokenizer
@@ -53,6 +54,7 @@ from service.models.backbone import (
     Batch,
     MatchCalibration,
     build_backbone,
+    claim_margins,
     expand_claims,
     least_per_text,
     match_parts,
@@ -294,12 +296,35 @@ def own_rows(owner: Tensor) -> Tensor:
     return torch.nonzero(torch.diff(owner, prepend=owner.new_tensor([-1]))).squeeze(1)
 
 
-def served_logits(calibration: MatchCalibration, parts: Tensor, owner: Tensor) -> Tensor:
+def served_logits(
+    calibration: MatchCalibration, parts: Tensor, owner: Tensor, claims: Tensor | None = None
+) -> Tensor:
     """(N,) each text's match logit as served (`match_logits`), from `match_pair_parts`:
-    the text's own calibrated logit, or by sentence the least of its claims'."""
+    the text's own calibrated logit, or by sentence the least of its sentences'; capped
+    by its least claim margin (`least_claim_margins`, `MatchCalibration.with_claims`)
+    when the calibration asks claims."""
     logits = calibration.logit(parts[:, 0], parts[:, 1])
     rows = own_rows(owner)
-    return least_per_text(logits, owner, len(rows)) if calibration.by_sentence else logits[rows]
+    out = least_per_text(logits, owner, len(rows)) if calibration.by_sentence else logits[rows]
+    if calibration.claims is None:
+        return out
+    if claims is None:
+        raise ValueError("this calibration checks claims: pass each text's least claim margin")
+    return calibration.with_claims(out, claims)
+
+
+def least_claim_margins(
+    model, tokenizer, answers: Sequence[str], texts: Sequence[str], regions, **common
+) -> Tensor:
+    """(N,) each text's least claim margin on its regions (`claim_margins` of its
+    `claim_questions`, asked of the VQA head); +inf for a text without claims."""
+    questions, expected, owner = expand_claim_questions(texts, answers)
+    if not questions:
+        return torch.full((len(texts),), float("inf"))
+    asked_on = [regions[i] for i in owner]
+    logits = pair_scores(model, tokenizer, "answer", questions, asked_on, **common)
+    margins = claim_margins(logits, torch.tensor(expected))
+    return least_per_text(margins, torch.tensor(owner), len(texts))
 
 
 def match_report(scores: Tensor, pairs: MatchPairs, threshold: float = 0.0) -> dict:
@@ -337,10 +362,12 @@ def eval_match(
     seed: int = 0,
     progress: bool = False,
     calibration: MatchCalibration | None = None,
+    answers: Sequence[str] | None = None,
 ) -> dict:
     """Complete caption vs a random false caption and vs a hard negative, per image, with
     the match logit as served (`match_logits`). Calibrated, "head" adds the pair
-    accuracies of the alignment head's logit alone."""
+    accuracies of the alignment head's logit alone. A calibration that checks claims
+    needs the model's `answers`."""
     pairs = draw_match_pairs(source, max_images, seed)
     common = dict(batch_size=batch_size, device=device, progress=progress)
     if calibration is None:
@@ -349,7 +376,14 @@ def eval_match(
     parts, owner = match_pair_parts(
         model, tokenizer, pairs.texts, pairs.regions, calibration.by_sentence, **common
     )
-    out = match_report(served_logits(calibration, parts, owner), pairs)
+    claims = None
+    if calibration.claims is not None:
+        if answers is None:
+            raise ValueError("a calibration that checks claims needs the answer vocabulary")
+        claims = least_claim_margins(
+            model, tokenizer, answers, pairs.texts, pairs.regions, **common
+        )
+    out = match_report(served_logits(calibration, parts, owner, claims), pairs)
     head = match_report(parts[own_rows(owner), 0], pairs)
     out["head"] = {k: head[k]["accuracy"] for k in ("random", "hard")}
     return out
@@ -526,7 +560,13 @@ def run_eval(
         else:
             calibration = MatchCalibration.from_dict(manifest.match_calibration)
             results["match"] = eval_match(
-                model, tokenizer, source, seed=seed, calibration=calibration, **common
+                model,
+                tokenizer,
+                source,
+                seed=seed,
+                calibration=calibration,
+                answers=_answers(manifest),
+                **common,
             )
     if easyvqa or (easyvqa is None and "vqa" in tasks and manifest.data.get("include_easyvqa")):
         results["easyvqa"] = eval_vqa(

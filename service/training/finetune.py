@@ -751,7 +751,14 @@ def run_finetune(
     calibration = None
     if evaluate is not None and task in ("match", "all"):
         calibration = calibrate_model(
-            model.eval(), tokenizer, val_source, "val", seed, device=device, progress=progress
+            model.eval(),
+            tokenizer,
+            val_source,
+            "val",
+            seed,
+            list(ANSWERS),
+            device=device,
+            progress=progress,
         )
     meta = dict(
         match_calibration=calibration,

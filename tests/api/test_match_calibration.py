@@ -99,3 +99,34 @@ def test_caption_search_reranks_with_the_alignment_head_whatever_the_calibration
         calibrated_search, calibrated_match = scores(client)
     assert calibrated_search == pytest.approx(head_search, abs=1e-4)
     assert calibrated_match != pytest.approx(head_match, abs=1e-2)
+
+
+def test_a_claims_calibration_caps_a_captions_score_by_its_claims(tiny_store, tmp_path):
+    """With `claims`, a caption the grammar reads scores no higher than its least claim
+    margin (at least UNANSWERABLE) less the threshold: a threshold of +300 puts every such
+    caption far below a match and leaves a text without claims as it was; -300 changes
+    nothing."""
+    root = tmp_path / "store"
+    shutil.copytree(tiny_store[0], root)
+    store = ModelStore(root)
+    # the grammar has no squares: the last text has no claims to ask
+    texts = [*TEXTS[:2], "a green triangle below a rectangle", "a green triangle below a square"]
+    calibration = {"head": 1.0, "cosine": 0.0, "bias": 0.0}
+
+    def logits(claims: float | None) -> list[float]:
+        store.update_manifest(
+            store.resolve("tiny-lxmert"), match_calibration={**calibration, "claims": claims}
+        )
+        with live(root, tmp_path / "data") as (client, _):
+            r = client.post(
+                "/v1/match",
+                json={"image": b64(png_bytes(5)), "texts": texts, "model": "tiny-lxmert"},
+            )
+            assert r.status_code == 200, r.text
+            return [s["score"] for s in r.json()["scores"]]
+
+    unasked, lenient, strict = logits(None), logits(-300.0), logits(300.0)
+    assert lenient == pytest.approx(unasked, abs=1e-6)
+    assert all(score < 1e-6 for score in strict[:3])  # sigmoid(at most -200)
+    assert strict[3] == pytest.approx(unasked[3], abs=1e-6)
+    assert min(unasked[:3]) > 1e-3  # so the cap is what moved them

@@ -10,8 +10,10 @@ from service.data.tokenizer import load_tokenizer
 from service.models.backbone import (
     EMBED_TEMPERATURE,
     MAX_CLAIM_SENTENCES,
+    UNANSWERABLE,
     MatchCalibration,
     build_backbone,
+    claim_margins,
     expand_claims,
     least_per_text,
     match_claims,
@@ -94,6 +96,22 @@ def test_match_calibration_reads_by_sentence_from_the_manifest(by_sentence):
     d = {"head": 1.0, "cosine": 0.0, "bias": 0.0}
     assert MatchCalibration.from_dict(d).by_sentence is False  # entries written before it
     assert MatchCalibration.from_dict({**d, "by_sentence": by_sentence}).by_sentence is by_sentence
+
+
+def test_claim_margins_and_the_claims_cap():
+    """A claim's margin is its stated answer's logit less the best other's; an answer the
+    head lacks (-1) cannot be confirmed. The served logit is capped by the text's least
+    margin less the threshold; a text without claims (+inf) keeps its logit."""
+    logits = torch.tensor([[3.0, 1.0, 0.0], [3.0, 1.0, 0.0], [0.0, 0.0, 5.0]])
+    margins = claim_margins(logits, torch.tensor([0, 1, -1]))
+    assert margins.tolist() == [2.0, -2.0, UNANSWERABLE]
+    d = {"head": 1.0, "cosine": 0.0, "bias": 0.0}
+    assert MatchCalibration.from_dict(d).claims is None  # entries written before it
+    calibration = MatchCalibration.from_dict({**d, "claims": -1.5})
+    served = torch.tensor([4.0, 4.0, -3.0])
+    capped = calibration.with_claims(served, torch.tensor([2.0, -2.0, float("inf")]))
+    assert capped.tolist() == [3.5, -0.5, -3.0]
+    assert MatchCalibration.from_dict(d).with_claims(served, torch.zeros(3)) is served
 
 
 def test_word_checked_is_the_head_unless_a_word_of_the_text_is_false():

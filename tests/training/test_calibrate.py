@@ -7,7 +7,7 @@ import torch
 
 from service.store import ModelStore
 from service.training.calibrate import fit_logistic, fit_match_calibration, run_calibrate
-from service.training.evaluate import MatchPairs, run_eval
+from service.training.evaluate import MatchPairs, run_eval, served_logits
 from tests.training.pretrain_support import write_tiny_split
 from tests.training.test_evaluate import _entry
 
@@ -78,6 +78,28 @@ def test_fit_checks_sentences_alone_where_that_tells_hard_negatives_apart():
     assert not calibration.by_sentence and "by_sentence" not in accuracy
 
 
+def test_fit_checks_claims_where_the_vqa_head_tells_hard_negatives_apart():
+    """The head and the cosine score the hard negative as the caption; the least claim
+    margin is 3 for the caption, 1 for the partial caption, -4 for the hard negative, -6
+    for the random one: checking claims gets every pair right and is kept, with a
+    threshold between 1 and -4. Claims no better than the head are not kept."""
+    n = 40
+    g = torch.Generator().manual_seed(3)
+    per_text = torch.tensor([[2.0, 0.6], [-3.0, 0.1], [2.0, 0.6], [2.0, 0.45]]).repeat(n, 1)
+    parts = per_text + 0.05 * torch.randn(4 * n, 2, generator=g)
+    claims = torch.tensor([3.0, -6.0, -4.0, 1.0]).repeat(n) + 0.1 * torch.randn(4 * n, generator=g)
+    calibration, accuracy = fit_match_calibration(parts, _pairs(n), claims=claims)
+    assert accuracy["whole_text"]["hard"] <= 0.6
+    assert accuracy["claims"] == {"random": 1.0, "hard": 1.0, "partial": 1.0}
+    assert accuracy["calibrated"] == accuracy["claims"] and -4 < calibration.claims < 1
+    served = served_logits(calibration, parts, torch.arange(4 * n), claims).view(n, 4)
+    assert (served[:, [0, 3]] > 0).all() and (served[:, 1:3] <= 0).all()
+
+    unhelpful = torch.tensor([3.0, 3.0, 3.0, 3.0]).repeat(n)  # every claim confirmed
+    calibration, accuracy = fit_match_calibration(parts, _pairs(n), claims=unhelpful)
+    assert calibration.claims is None and accuracy["calibrated"] == accuracy["whole_text"]
+
+
 def test_fit_is_written_to_the_manifest_and_is_what_eval_uses(tmp_path):
     """A model whose head calls every caption a match: 0% of pairs right. The calibration
     fitted on val adds the embeddings' cosine; evaluated on the same split with the
@@ -91,7 +113,7 @@ def test_fit_is_written_to_the_manifest_and_is_what_eval_uses(tmp_path):
     updated = run_calibrate(m.ref, store.root, features, data, split="val", progress=False)
     calibration = updated.match_calibration
     assert calibration is not None
-    assert set(calibration) == {"head", "cosine", "bias", "by_sentence", "fitted_on"}
+    assert set(calibration) == {"head", "cosine", "bias", "by_sentence", "claims", "fitted_on"}
     fitted = calibration["fitted_on"]
     assert fitted["split"] == "val" and fitted["images"] == 24 and fitted["seed"] == 0
     assert fitted["accuracy"]["head"] == {"random": 0.0, "hard": 0.0, "partial": 1.0}
