@@ -2,7 +2,7 @@
 `service.data.language` generates, and the questions that check a caption's claims.
 
 A caption is a listing of every object, grouped by the attributes it states ("a small red
-circle, two large blue triangles and a green square"), a relation ("the small red circle
+circle, two large blue triangles and a green rectangle"), a relation ("the small red circle
 is left of the large blue triangle", or "a red circle above a blue shape"), both (the
 listing, then the relation as a second sentence), or "<n> shapes on a pastel background".
 Its truth for a scene is `service.training.negatives.caption_holds`.
