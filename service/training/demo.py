@@ -1,7 +1,8 @@
 """`vqa train demo`: the whole chain that produces the models the service ships.
 
 data -> detector -> detector eval -> region features -> for each backbone: pretrain ->
-fine-tune (all tasks) -> eval. Each finished stage is recorded in <work>/demo_state.json
+the recipe's fine-tuning phases (ViLBERT: relation questions alone) -> fine-tune (all
+tasks) -> eval. Each finished stage is recorded in <work>/demo_state.json
 and skipped on the next run, and the long stages checkpoint inside <work>/checkpoints,
 so an interrupted run resumed with the same command picks up where it stopped.
 
@@ -29,6 +30,22 @@ from service.training.mix import Mix
 from service.training.pretrain import run_pretrain
 
 BACKBONES = ("vilbert", "lxmert")
+TASKS = ("vqa", "retrieval", "grounding", "match", "all")
+
+# ViLBERT reads the relation words only after a phase of relation questions alone at a
+# higher rate (docs/experiments/vilbert-relations: relation 73.0 -> 92.8% on test)
+RELATIONS_PHASE = {
+    "name": "relations",
+    "task": "vqa",
+    "lr": 3e-4,
+    "steps": 1500,
+    "mix": {
+        "objectives": {"vqa": 1},
+        "vqa_sources": {"shapes": 1, "easy-vqa": 0},
+        "vqa_families": {f: 0 for f in ("exist", "count", "color", "shape", "size")},
+        "vqa_turned": 1.0,
+    },
+}
 
 
 @dataclass
@@ -49,6 +66,12 @@ class DemoRecipe:
         default_factory=lambda: {"vilbert": 3000, "lxmert": 4000}
     )
     finetune_lr: dict[str, float] = field(default_factory=lambda: {"vilbert": 1e-4, "lxmert": 3e-4})
+    # per backbone, fine-tuning phases between pretraining and the all-task fine-tune, each
+    # {"name", "task", "lr", "steps", "mix" (Mix fields), "seconds" (own box, optional)};
+    # stage "<kind>_<name>", its budget share under that key in budget_shares
+    finetune_phases: dict[str, list[dict]] = field(
+        default_factory=lambda: {"vilbert": [RELATIONS_PHASE]}
+    )
     # time boxes in seconds (absent or 0: run every step), e.g. to fit a GPU lease
     pretrain_seconds: dict[str, float] = field(default_factory=dict)
     finetune_seconds: dict[str, float] = field(default_factory=dict)
@@ -57,7 +80,8 @@ class DemoRecipe:
     budget_shares: dict[str, float] = field(
         default_factory=lambda: {
             "vilbert_pretrain": 2,
-            "vilbert_finetune": 5,
+            "vilbert_relations": 2,
+            "vilbert_finetune": 3,
             "lxmert_pretrain": 2,
             "lxmert_finetune": 3,
         }
@@ -73,12 +97,33 @@ class DemoRecipe:
     include_easyvqa: bool = True
     detector_overrides: dict | None = None  # tests shrink the models through these
     backbone_overrides: dict | None = None
+    # config fields of one backbone, over backbone_overrides: ViLBERT's box projection starts
+    # as loud as the feature's (docs/experiments/diagnosis section 10)
+    kind_overrides: dict[str, dict] = field(
+        default_factory=lambda: {"vilbert": {"box_init_std": 0.6}}
+    )
     backbones: tuple[str, ...] = BACKBONES
 
     def __post_init__(self):
         Mix.parse(self.finetune_mix)  # a bad mix fails here, not after an hour of pretraining
         if not isinstance(self.eval_minutes, dict):
             raise ValueError('eval_minutes: minutes per backbone, e.g. {"vilbert": 10}')
+        for kind, phases in self.finetune_phases.items():
+            for phase in phases:
+                check_phase(kind, phase)
+
+    def stages(self, kind: str) -> list[str]:
+        """A backbone's training stages in order: "<kind>_pretrain", phases, "<kind>_finetune"."""
+        phases = [p["name"] for p in self.finetune_phases.get(kind, [])]
+        return [f"{kind}_{name}" for name in ("pretrain", *phases, "finetune")]
+
+    def own_seconds(self, stage: str) -> float:
+        """The recipe's own time box for a training stage (0: none)."""
+        kind, name = stage.split("_", 1)
+        if name in ("pretrain", "finetune"):
+            return getattr(self, f"{name}_seconds").get(kind, 0)
+        phase = next(p for p in self.finetune_phases[kind] if p["name"] == name)
+        return phase.get("seconds", 0)
 
     @classmethod
     def from_json(cls, path: str | Path, **overrides) -> DemoRecipe:
@@ -91,6 +136,21 @@ class DemoRecipe:
         return cls(**fields)
 
 
+def check_phase(kind: str, phase: dict) -> None:
+    """A fine-tuning phase's fields, checked before anything trains."""
+    where = f"finetune_phases[{kind!r}]"
+    if unknown := set(phase) - {"name", "task", "lr", "steps", "mix", "seconds"}:
+        raise ValueError(f"{where}: unknown phase fields {sorted(unknown)}")
+    name = phase.get("name")
+    if not isinstance(name, str) or not name.isalnum() or name in ("pretrain", "finetune", "eval"):
+        raise ValueError(f"{where}: a phase needs a name of letters and digits, not {name!r}")
+    if phase.get("task") not in TASKS:
+        raise ValueError(f"{where}: {name}'s task must be one of {TASKS}")
+    if not phase.get("lr", 0) > 0 or not int(phase.get("steps", 0)) > 0:
+        raise ValueError(f"{where}: {name} needs lr > 0 and steps > 0")
+    Mix.parse(phase.get("mix", {}))
+
+
 MIN_TIME_BOX = 60.0  # seconds a training stage gets even when the budget is spent
 
 
@@ -100,18 +160,17 @@ def spent_seconds(done: dict[str, dict]) -> float:
 
 
 def time_box(recipe: DemoRecipe, done: dict[str, dict], stage: str) -> float:
-    """Seconds for a backbone's training stage ("<kind>_pretrain" or "<kind>_finetune").
+    """Seconds for a backbone's training stage (one of `DemoRecipe.stages`).
 
     Under a budget, the stage gets its share (`budget_shares`) of what is left: the budget
     less the seconds of the stages done and `eval_minutes` for each evaluation still to
     run, split over the training stages not yet done; at least MIN_TIME_BOX. The
     recipe's own box for the stage, when set, caps it. 0: no box (every step runs).
     """
-    kind, phase = stage.split("_")
-    own = getattr(recipe, f"{phase}_seconds").get(kind, 0)
+    own = recipe.own_seconds(stage)
     if recipe.budget_minutes <= 0:
         return own
-    stages = [f"{k}_{p}" for k in recipe.backbones for p in ("pretrain", "finetune")]
+    stages = [s for k in recipe.backbones for s in recipe.stages(k)]
     pending = [s for s in stages if s not in done]
     evals = sum(recipe.eval_minutes.get(k, 0) for k in recipe.backbones if f"{k}_eval" not in done)
     left = recipe.budget_minutes * 60 - spent_seconds(done) - evals * 60
@@ -234,6 +293,7 @@ def _backbone_stages(
 
         return state.run(stage, run, log)["ref"]
 
+    overrides = {**(recipe.backbone_overrides or {}), **recipe.kind_overrides.get(kind, {})}
     pre = boxed(
         f"{kind}_pretrain",
         lambda box: (
@@ -244,7 +304,7 @@ def _backbone_stages(
                 store.root,
                 detector_ref=det,
                 out_name=f"shapes-{kind}-pretrained",
-                config_overrides=recipe.backbone_overrides,
+                config_overrides=overrides or None,
                 steps=recipe.pretrain_steps[kind],
                 batch_size=recipe.batch_size,
                 lr=recipe.pretrain_lr[kind],
@@ -256,28 +316,52 @@ def _backbone_stages(
             ).ref
         ),
     )
+
+    def finetune(init: str, name: str, task: str, steps: int, lr: float, mix, box: float) -> str:
+        return run_finetune(
+            task,
+            init,
+            features_dir=features,
+            data_dir=data,
+            store_root=store.root,
+            detector_ref=det,
+            out_name=f"shapes-{kind}" if name == "finetune" else f"shapes-{kind}-{name}",
+            steps=steps,
+            batch_size=recipe.batch_size,
+            lr=lr,
+            max_seconds=box,
+            seed=recipe.seed,
+            include_easyvqa=recipe.include_easyvqa,
+            mix=mix,
+            checkpoint_dir=str(ckpt / f"{kind}_{name}"),
+            device=device,
+            command=f"{command} ({name} {kind})",
+        ).ref
+
+    init = pre
+    for phase in recipe.finetune_phases.get(kind, []):
+        init = boxed(
+            f"{kind}_{phase['name']}",
+            lambda box, phase=phase, init=init: finetune(
+                init,
+                phase["name"],
+                phase["task"],
+                int(phase["steps"]),
+                phase["lr"],
+                phase.get("mix", {}),
+                box,
+            ),
+        )
     fine = boxed(
         f"{kind}_finetune",
-        lambda box: (
-            run_finetune(
-                "all",
-                pre,
-                features_dir=features,
-                data_dir=data,
-                store_root=store.root,
-                detector_ref=det,
-                out_name=f"shapes-{kind}",
-                steps=recipe.finetune_steps[kind],
-                batch_size=recipe.batch_size,
-                lr=recipe.finetune_lr[kind],
-                max_seconds=box,
-                seed=recipe.seed,
-                include_easyvqa=recipe.include_easyvqa,
-                mix=recipe.finetune_mix,
-                checkpoint_dir=str(ckpt / f"{kind}_finetune"),
-                device=device,
-                command=f"{command} (finetune {kind})",
-            ).ref
+        lambda box: finetune(
+            init,
+            "finetune",
+            "all",
+            recipe.finetune_steps[kind],
+            recipe.finetune_lr[kind],
+            recipe.finetune_mix,
+            box,
         ),
     )
     state.run(

@@ -5,7 +5,13 @@ import json
 import pytest
 
 from service.store import ModelStore
-from service.training.demo import MIN_TIME_BOX, DemoRecipe, run_demo, time_box
+from service.training.demo import (
+    MIN_TIME_BOX,
+    RELATIONS_PHASE,
+    DemoRecipe,
+    run_demo,
+    time_box,
+)
 
 TINY_LXMERT = dict(
     hidden_size=32,
@@ -34,6 +40,8 @@ def test_demo_chain_produces_served_models_and_resumes(tmp_path):
         backbones=("lxmert",),
         detector_overrides={"representation_size": 32, "min_regions": 4, "max_regions": 8},
         backbone_overrides=TINY_LXMERT,
+        kind_overrides={"lxmert": {"embed_dim": 8}},
+        finetune_phases={"lxmert": [{**RELATIONS_PHASE, "steps": 2}]},
     )
     lines: list[str] = []
     state = run_demo(tmp_path / "work", tmp_path / "store", recipe, log=lines.append)
@@ -43,10 +51,17 @@ def test_demo_chain_produces_served_models_and_resumes(tmp_path):
         "detector_eval",
         "features",
         "lxmert_pretrain",
+        "lxmert_relations",
         "lxmert_finetune",
         "lxmert_eval",
     ]
     store = ModelStore(tmp_path / "store")
+    pretrained = store.resolve(state["lxmert_pretrain"]["ref"])
+    assert pretrained.config["embed_dim"] == 8  # the backbone's own overrides
+    phase = store.resolve(state["lxmert_relations"]["ref"])
+    assert phase.name == "shapes-lxmert-relations" and phase.data["init"] == pretrained.ref
+    assert phase.data["task"] == "vqa" and phase.data["mix"]["vqa_families"]["count"] == 0
+    assert store.resolve("shapes-lxmert").data["init"] == phase.ref  # the last fine-tune follows
     served = store.resolve("shapes-lxmert")
     assert served.detector == state["detector"]["ref"]
     assert {"vqa", "match"} <= set(served.tasks)
@@ -59,7 +74,7 @@ def test_demo_chain_produces_served_models_and_resumes(tmp_path):
     run_demo(tmp_path / "work", tmp_path / "store", recipe, log=lines.append)
     stage_lines = [line for line in lines if line.startswith("[demo]") and "took" not in line]
     assert stage_lines and all("skipped" in line for line in stage_lines)
-    assert len(store.list()) == 3, "a resumed run must not train anything again"
+    assert len(store.list()) == 4, "a resumed run must not train anything again"
 
 
 def test_a_recipe_file_changes_only_the_fields_it_names(tmp_path):
@@ -76,25 +91,42 @@ def test_a_recipe_file_changes_only_the_fields_it_names(tmp_path):
         DemoRecipe.from_json(path)
 
 
+@pytest.mark.parametrize(
+    "phase, message",
+    [
+        ({**RELATIONS_PHASE, "name": "my_phase"}, "letters and digits"),
+        ({**RELATIONS_PHASE, "name": "finetune"}, "letters and digits"),
+        ({**RELATIONS_PHASE, "task": "caption"}, "task must be one of"),
+        ({**RELATIONS_PHASE, "lr": 0}, "lr > 0"),
+        ({**RELATIONS_PHASE, "epochs": 3}, "unknown phase fields"),
+        ({**RELATIONS_PHASE, "mix": {"vqa_families": {"count": -1}}}, "weight >= 0"),
+    ],
+)
+def test_a_bad_finetune_phase_fails_before_anything_trains(phase, message):
+    with pytest.raises(ValueError, match=message):
+        DemoRecipe(finetune_phases={"vilbert": [phase]})
+
+
 BEFORE_BACKBONES = {"data": 60.0, "detector": 900.0, "detector_eval": 60.0, "features": 300.0}
 
 
 def test_time_boxes_share_what_the_budget_has_left():
-    recipe = DemoRecipe()  # 90 minutes; shares vilbert 2 + 5, lxmert 2 + 3
+    recipe = DemoRecipe()  # 90 minutes; shares vilbert 2 + 2 + 3, lxmert 2 + 3
+    assert recipe.stages("vilbert") == ["vilbert_pretrain", "vilbert_relations", "vilbert_finetune"]
     done = {k: {"seconds": v} for k, v in BEFORE_BACKBONES.items()}
     left = 90 * 60 - 1320 - sum(recipe.eval_minutes.values()) * 60
     assert time_box(recipe, done, "vilbert_pretrain") == pytest.approx(left * 2 / 12)
     done["vilbert_pretrain"] = {"seconds": 1000.0}  # it ran over its box: the rest shrink
     left -= 1000
-    assert time_box(recipe, done, "vilbert_finetune") == pytest.approx(left * 5 / 10)
+    assert time_box(recipe, done, "vilbert_relations") == pytest.approx(left * 2 / 10)
+    assert time_box(recipe, done, "vilbert_finetune") == pytest.approx(left * 3 / 10)
 
 
 def test_stages_that_keep_to_their_boxes_end_the_chain_on_budget():
     recipe = DemoRecipe(budget_minutes=60, eval_minutes={"vilbert": 4, "lxmert": 4})
     done = {k: {"seconds": v} for k, v in BEFORE_BACKBONES.items()}
     for kind in recipe.backbones:
-        for phase in ("pretrain", "finetune"):
-            stage = f"{kind}_{phase}"
+        for stage in recipe.stages(kind):
             done[stage] = {"seconds": time_box(recipe, done, stage)}
         done[f"{kind}_eval"] = {"seconds": 4 * 60.0}
     assert sum(v["seconds"] for v in done.values()) == pytest.approx(60 * 60)
@@ -107,3 +139,5 @@ def test_a_recipes_own_box_caps_the_budgets_and_a_spent_budget_gives_the_minimum
     assert time_box(DemoRecipe(budget_minutes=0), done, "lxmert_finetune") == 0  # every step
     spent = DemoRecipe(budget_minutes=20)
     assert time_box(spent, done, "vilbert_pretrain") == MIN_TIME_BOX
+    own = DemoRecipe(finetune_phases={"vilbert": [{**RELATIONS_PHASE, "seconds": 45}]})
+    assert time_box(own, done, "vilbert_relations") == 45
