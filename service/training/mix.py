@@ -90,6 +90,10 @@ class Mix:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def drawn_families(self, families: Sequence[str]) -> list[str]:
+        """The VQA families of `families` this mix draws (weight above 0)."""
+        return [f for f in families if self.vqa_families.get(f, 1) > 0]
+
     def cycle(self, names: Sequence[str]) -> list[str]:
         """The objectives of one round-robin cycle, interleaved: weights {a: 2, b: 1, c: 2}
         give [a, b, c, a, c]."""

@@ -26,18 +26,20 @@ from service.data.shapes import (
 from service.data.tokenizer import load_tokenizer
 from service.models.backbone import WORD_CHECK_PRIOR, build_backbone
 from service.store import ModelStore
-from service.training.evaluate import run_eval
+from service.training.evaluate import eval_vqa, load_model, run_eval
 from service.training.examples import PairSource
 from service.training.finetune import (
     AlignObjective,
     changed_tokens,
     grounding_loss,
     info_nce,
+    make_evaluate,
     pair_rank_loss,
     run_finetune,
     vqa_loss,
     word_check_loss,
 )
+from service.training.mix import Mix
 from service.training.negatives import caption_holds, hard_negatives
 from tests.training.pretrain_support import (
     DETECTOR,
@@ -556,3 +558,37 @@ def test_word_check_is_added_to_an_entry_without_one_and_refused_without_the_con
         if not key.startswith(head):
             assert torch.equal(after[key], value.to(after[key].dtype)), key
     assert torch.all(after[f"{head}.bias"] == WORD_CHECK_PRIOR)  # fresh: no word false
+
+
+def test_validation_scores_vqa_on_the_families_the_mix_draws(tmp_path):
+    for split, n, seed in (("train", 16, 0), ("val", 12, 1)):
+        _single_object_split(tmp_path, split, n, seed)
+    data, features = tmp_path / "data", tmp_path / "features"
+    colour_only = {"vqa_families": {"shape": 0}}
+    m = run_finetune(
+        "vqa",
+        "none",
+        backbone="lxmert",
+        features_dir=features,
+        data_dir=data,
+        store_root=tmp_path / "store",
+        out_name="tiny-colour",
+        steps=4,
+        batch_size=8,
+        lr=3e-3,
+        config_overrides=tiny_overrides("lxmert"),
+        progress=False,
+        mix=colour_only,
+    )
+    history = json.loads((m.path / "history.json").read_text())
+    assert all("vqa_overall" in h for h in history if h["kind"] == "eval")
+    store = ModelStore(tmp_path / "store")
+    model, tokenizer = load_model(store, m)
+    source = PairSource.load(data, features, "val")
+    vqa = eval_vqa(model, tokenizer, ANSWERS, source)
+    drawn = make_evaluate("vqa", source, ANSWERS, tokenizer, 100, "cpu", Mix.parse(colour_only))
+    metrics = drawn(model)
+    assert metrics["vqa_accuracy"] == pytest.approx(vqa["by_family"]["color"])
+    assert metrics["score"] == metrics["vqa_accuracy"] and metrics["vqa_overall"] == vqa["overall"]
+    uniform = make_evaluate("vqa", source, ANSWERS, tokenizer, 100, "cpu", Mix())(model)
+    assert uniform == {"vqa_accuracy": vqa["overall"], "score": vqa["overall"]}

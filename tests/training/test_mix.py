@@ -233,3 +233,9 @@ def test_pretrain_objective_needs_the_kind_and_keeps_out_of_label_fraction_runs(
             progress=False,
             mix=mix,
         )
+
+
+def test_drawn_families_leave_out_only_those_weighed_zero():
+    mix = Mix.parse({"vqa_families": {"count": 3, "shape": 0, "size": 0.5}})
+    assert mix.drawn_families(["count", "color", "shape", "size"]) == ["count", "color", "size"]
+    assert Mix().drawn_families(["count", "shape"]) == ["count", "shape"]
