@@ -41,7 +41,8 @@ can prepare the next step's batch while this one runs (`TrainConfig.prefetch`).
 
 `label_fraction` keeps that fraction of the VQA training images (seeded); the other
 objectives keep every image. Validation runs on the val split's features when they exist
-(`val_images` images), and the best validation state is kept.
+(`val_images` images), and the best validation state is kept; VQA counts there only the
+question families the mix draws (`make_evaluate`).
 """
 
 from __future__ import annotations
