@@ -25,12 +25,11 @@ from service.data.shapes import write_split
 from service.store import ModelStore
 from service.training.detector_ops import run_eval_detector, run_features, run_train_detector
 from service.training.evaluate import run_eval
-from service.training.finetune import run_finetune
+from service.training.finetune import TASKS, run_finetune
 from service.training.mix import Mix
 from service.training.pretrain import run_pretrain
 
 BACKBONES = ("vilbert", "lxmert")
-TASKS = ("vqa", "retrieval", "grounding", "match", "all")
 
 # ViLBERT reads the relation words only after a phase of relation questions alone at a
 # higher rate (docs/experiments/vilbert-relations: relation 73.0 -> 92.8% on test)

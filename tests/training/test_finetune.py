@@ -581,7 +581,8 @@ def test_validation_scores_vqa_on_the_families_the_mix_draws(tmp_path):
         mix=colour_only,
     )
     history = json.loads((m.path / "history.json").read_text())
-    assert all("vqa_overall" in h for h in history if h["kind"] == "eval")
+    evals = [h for h in history if h["kind"] == "eval"]
+    assert evals and all("vqa_overall" in h for h in evals)
     store = ModelStore(tmp_path / "store")
     model, tokenizer = load_model(store, m)
     source = PairSource.load(data, features, "val")
