@@ -1,7 +1,8 @@
 """`vqa train demo`: the whole chain that produces the models the service ships.
 
 data -> detector -> detector eval -> region features -> for each backbone: pretrain ->
-the recipe's fine-tuning phases (ViLBERT: relation questions alone) -> fine-tune (all
+the recipe's fine-tuning phases (ViLBERT: relation questions alone, then count questions
+alone) -> fine-tune (all
 tasks) -> eval. Each finished stage is recorded in <work>/demo_state.json
 and skipped on the next run, and the long stages checkpoint inside <work>/checkpoints,
 so an interrupted run resumed with the same command picks up where it stopped.
@@ -21,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from service.data.language import FAMILIES
 from service.data.shapes import write_split
 from service.store import ModelStore
 from service.training.detector_ops import run_eval_detector, run_features, run_train_detector
@@ -41,8 +43,22 @@ RELATIONS_PHASE = {
     "mix": {
         "objectives": {"vqa": 1},
         "vqa_sources": {"shapes": 1, "easy-vqa": 0},
-        "vqa_families": {f: 0 for f in ("exist", "count", "color", "shape", "size")},
+        "vqa_families": {f: 0 for f in FAMILIES if f != "relation"},
         "vqa_turned": 1.0,
+    },
+}
+
+# ... and counts only after a phase of count questions alone at that rate (validation scores
+# the count family; docs/experiments/vilbert-counting: count 87.3 -> 94.6% on test)
+COUNTING_PHASE = {
+    "name": "counting",
+    "task": "vqa",
+    "lr": 3e-4,
+    "steps": 2000,
+    "mix": {
+        "objectives": {"vqa": 1},
+        "vqa_sources": {"shapes": 1, "easy-vqa": 0},
+        "vqa_families": {f: 0 for f in FAMILIES if f != "count"},
     },
 }
 
@@ -69,7 +85,7 @@ class DemoRecipe:
     # {"name", "task", "lr", "steps", "mix" (Mix fields), "seconds" (own box, optional)};
     # stage "<kind>_<name>", its budget share under that key in budget_shares
     finetune_phases: dict[str, list[dict]] = field(
-        default_factory=lambda: {"vilbert": [RELATIONS_PHASE]}
+        default_factory=lambda: {"vilbert": [RELATIONS_PHASE, COUNTING_PHASE]}
     )
     # time boxes in seconds (absent or 0: run every step), e.g. to fit a GPU lease
     pretrain_seconds: dict[str, float] = field(default_factory=dict)
@@ -79,7 +95,8 @@ class DemoRecipe:
     budget_shares: dict[str, float] = field(
         default_factory=lambda: {
             "vilbert_pretrain": 2,
-            "vilbert_relations": 2,
+            "vilbert_relations": 1,
+            "vilbert_counting": 1,
             "vilbert_finetune": 3,
             "lxmert_pretrain": 2,
             "lxmert_finetune": 3,

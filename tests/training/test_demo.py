@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from service.data.language import FAMILIES
 from service.store import ModelStore
 from service.training.demo import (
     MIN_TIME_BOX,
@@ -12,6 +13,7 @@ from service.training.demo import (
     run_demo,
     time_box,
 )
+from service.training.mix import Mix
 
 TINY_LXMERT = dict(
     hidden_size=32,
@@ -111,15 +113,26 @@ BEFORE_BACKBONES = {"data": 60.0, "detector": 900.0, "detector_eval": 60.0, "fea
 
 
 def test_time_boxes_share_what_the_budget_has_left():
-    recipe = DemoRecipe()  # 90 minutes; shares vilbert 2 + 2 + 3, lxmert 2 + 3
-    assert recipe.stages("vilbert") == ["vilbert_pretrain", "vilbert_relations", "vilbert_finetune"]
+    recipe = DemoRecipe()  # 90 minutes; shares vilbert 2 + 1 + 1 + 3, lxmert 2 + 3
+    assert recipe.stages("vilbert") == [
+        "vilbert_pretrain",
+        "vilbert_relations",
+        "vilbert_counting",
+        "vilbert_finetune",
+    ]
     done = {k: {"seconds": v} for k, v in BEFORE_BACKBONES.items()}
     left = 90 * 60 - 1320 - sum(recipe.eval_minutes.values()) * 60
     assert time_box(recipe, done, "vilbert_pretrain") == pytest.approx(left * 2 / 12)
     done["vilbert_pretrain"] = {"seconds": 1000.0}  # it ran over its box: the rest shrink
     left -= 1000
-    assert time_box(recipe, done, "vilbert_relations") == pytest.approx(left * 2 / 10)
+    assert time_box(recipe, done, "vilbert_relations") == pytest.approx(left * 1 / 10)
     assert time_box(recipe, done, "vilbert_finetune") == pytest.approx(left * 3 / 10)
+
+
+def test_the_default_phases_each_draw_one_question_family():
+    phases = DemoRecipe().finetune_phases["vilbert"]
+    drawn = [Mix.parse(p["mix"]).drawn_families(list(FAMILIES)) for p in phases]
+    assert drawn == [["relation"], ["count"]]
 
 
 def test_stages_that_keep_to_their_boxes_end_the_chain_on_budget():
