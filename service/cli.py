@@ -11,6 +11,10 @@ import json
 import sys
 from pathlib import Path
 
+# service.training.finetune.TASKS, spelt out so that `vqa --help` need not import torch
+# (tests/test_cli.py keeps the two equal)
+TASKS = ("vqa", "retrieval", "grounding", "match", "all")
+
 
 class CliError(Exception):
     """A user mistake on the command line: printed as one line, exit status 2."""
@@ -367,9 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_training_args(pre, steps=3000, lr=1e-4)
     pre.set_defaults(func=_train_pretrain)
     fine = train_sub.add_parser("finetune", help="fine-tune for vqa, retrieval, grounding, match")
-    fine.add_argument(
-        "--task", choices=["vqa", "retrieval", "grounding", "match", "all"], default="all"
-    )
+    fine.add_argument("--task", choices=TASKS, default="all")
     fine.add_argument("--init", default="none", help="pretrained model ref, or none")
     fine.add_argument("--backbone", choices=["vilbert", "lxmert"], default=None)
     fine.add_argument("--label-fraction", type=float, default=1.0)
@@ -437,9 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("what", nargs="?", choices=["detector"], help="evaluate a detector")
     ev.add_argument("--model", required=True, help="name or name@version")
-    ev.add_argument(
-        "--task", choices=["vqa", "retrieval", "grounding", "match", "all"], default="all"
-    )
+    ev.add_argument("--task", choices=TASKS, default="all")
     ev.add_argument("--split", default="test")
     ev.add_argument("--features", default="data/features")
     ev.add_argument(

@@ -6,9 +6,20 @@ import json
 
 import pytest
 
+from service import cli
 from service.cli import main
 from service.store import ModelStore
+from service.training import finetune
 from tests.training.pretrain_support import tiny_overrides, write_tiny_split
+
+
+def test_the_cli_offers_the_tasks_fine_tuning_and_evaluation_know():
+    assert cli.TASKS == finetune.TASKS
+    parser = cli.build_parser()
+    for argv in (["train", "finetune"], ["eval", "--model", "m"]):
+        assert parser.parse_args([*argv, "--task", "match"]).task == "match"
+        with pytest.raises(SystemExit):
+            parser.parse_args([*argv, "--task", "caption"])
 
 
 def test_pretrain_config_overrides_reach_the_written_entry(tmp_path, capsys):
