@@ -2,10 +2,10 @@
 
 data -> detector -> detector eval -> region features -> for each backbone: pretrain ->
 the recipe's fine-tuning phases (ViLBERT: relation questions alone, then count questions
-alone) -> fine-tune (all
-tasks) -> eval. Each finished stage is recorded in <work>/demo_state.json
-and skipped on the next run, and the long stages checkpoint inside <work>/checkpoints,
-so an interrupted run resumed with the same command picks up where it stopped.
+alone) -> fine-tune (all tasks) -> eval. Each finished stage is recorded in
+<work>/demo_state.json and skipped on the next run, and the long stages checkpoint inside
+<work>/checkpoints, so an interrupted run resumed with the same command picks up where it
+stopped.
 
 The default recipe is a 90-minute budget on a 2-core CPU: the stages before the backbones
 run to the end, then each backbone's pretraining and fine-tuning get a time box cut from
@@ -33,34 +33,30 @@ from service.training.pretrain import run_pretrain
 
 BACKBONES = ("vilbert", "lxmert")
 
-# ViLBERT reads the relation words only after a phase of relation questions alone at a
-# higher rate (docs/experiments/vilbert-relations: relation 73.0 -> 92.8% on test)
-RELATIONS_PHASE = {
-    "name": "relations",
-    "task": "vqa",
-    "lr": 3e-4,
-    "steps": 1500,
-    "mix": {
-        "objectives": {"vqa": 1},
-        "vqa_sources": {"shapes": 1, "easy-vqa": 0},
-        "vqa_families": {f: 0 for f in FAMILIES if f != "relation"},
-        "vqa_turned": 1.0,
-    },
-}
 
-# ... and counts only after a phase of count questions alone at that rate (validation scores
-# the count family; docs/experiments/vilbert-counting: count 87.3 -> 94.6% on test)
-COUNTING_PHASE = {
-    "name": "counting",
-    "task": "vqa",
-    "lr": 3e-4,
-    "steps": 2000,
-    "mix": {
-        "objectives": {"vqa": 1},
-        "vqa_sources": {"shapes": 1, "easy-vqa": 0},
-        "vqa_families": {f: 0 for f in FAMILIES if f != "count"},
-    },
-}
+def one_family_phase(name: str, family: str, steps: int, **mix) -> dict:
+    """A fine-tuning phase of one shapes-world question family alone, VQA only, at lr 3e-4."""
+    others = {f: 0 for f in FAMILIES if f != family}
+    return {
+        "name": name,
+        "task": "vqa",
+        "lr": 3e-4,
+        "steps": steps,
+        "mix": {
+            "objectives": {"vqa": 1},
+            "vqa_sources": {"shapes": 1, "easy-vqa": 0},
+            "vqa_families": others,
+            **mix,
+        },
+    }
+
+
+# ViLBERT reads the relation words only after a phase of relation questions alone at a
+# higher rate (docs/experiments/vilbert-relations: relation 73.0 -> 92.8% on test), and
+# counts only after such a phase of count questions (validation scores the family a phase
+# draws; docs/experiments/vilbert-counting: count 87.3 -> 94.6% on test)
+RELATIONS_PHASE = one_family_phase("relations", "relation", 1500, vqa_turned=1.0)
+COUNTING_PHASE = one_family_phase("counting", "count", 2000)
 
 
 @dataclass
