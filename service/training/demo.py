@@ -1,8 +1,8 @@
 """`vqa train demo`: the whole chain that produces the models the service ships.
 
 data -> detector -> detector eval -> region features -> for each backbone: pretrain ->
-the recipe's fine-tuning phases (ViLBERT: relation questions alone, then count questions
-alone) -> fine-tune (all tasks) -> eval. Each finished stage is recorded in
+the recipe's fine-tuning phases, if any (e.g. `RELATIONS_PHASE`, `COUNTING_PHASE`) ->
+fine-tune (all tasks) -> eval. Each finished stage is recorded in
 <work>/demo_state.json and skipped on the next run, and the long stages checkpoint inside
 <work>/checkpoints, so an interrupted run resumed with the same command picks up where it
 stopped.
@@ -51,10 +51,11 @@ def one_family_phase(name: str, family: str, steps: int, **mix) -> dict:
     }
 
 
-# ViLBERT reads the relation words only after a phase of relation questions alone at a
-# higher rate (docs/experiments/vilbert-relations: relation 73.0 -> 92.8% on test), and
-# counts only after such a phase of count questions (validation scores the family a phase
-# draws; docs/experiments/vilbert-counting: count 87.3 -> 94.6% on test)
+# The phases that taught the shipped ViLBERT its relation words and its counts, after it
+# knew the rest (docs/experiments/vilbert-relations, vilbert-counting: relation 73.0 ->
+# 92.8%, count 87.3 -> 94.6% on test), for recipes with the time for them. Not the 90-minute
+# CPU default's: there they take time from the all-task fine-tune of a model that has
+# learnt nothing yet, and it ended far worse (docs/experiments/demo-cpu/, run 3).
 RELATIONS_PHASE = one_family_phase("relations", "relation", 1500, vqa_turned=1.0)
 COUNTING_PHASE = one_family_phase("counting", "count", 2000)
 
@@ -80,9 +81,7 @@ class DemoRecipe:
     # per backbone, fine-tuning phases between pretraining and the all-task fine-tune, each
     # {"name", "task", "lr", "steps", "mix" (Mix fields), "seconds" (own box, optional)};
     # stage "<kind>_<name>", its budget share under that key in budget_shares
-    finetune_phases: dict[str, list[dict]] = field(
-        default_factory=lambda: {"vilbert": [RELATIONS_PHASE, COUNTING_PHASE]}
-    )
+    finetune_phases: dict[str, list[dict]] = field(default_factory=dict)
     # time boxes in seconds (absent or 0: run every step), e.g. to fit a GPU lease
     pretrain_seconds: dict[str, float] = field(default_factory=dict)
     finetune_seconds: dict[str, float] = field(default_factory=dict)
@@ -91,9 +90,7 @@ class DemoRecipe:
     budget_shares: dict[str, float] = field(
         default_factory=lambda: {
             "vilbert_pretrain": 2,
-            "vilbert_relations": 1,
-            "vilbert_counting": 1,
-            "vilbert_finetune": 3,
+            "vilbert_finetune": 5,
             "lxmert_pretrain": 2,
             "lxmert_finetune": 3,
         }
@@ -109,11 +106,9 @@ class DemoRecipe:
     include_easyvqa: bool = True
     detector_overrides: dict | None = None  # tests shrink the models through these
     backbone_overrides: dict | None = None
-    # config fields of one backbone, over backbone_overrides: ViLBERT's box projection starts
-    # as loud as the feature's (docs/experiments/diagnosis section 10)
-    kind_overrides: dict[str, dict] = field(
-        default_factory=lambda: {"vilbert": {"box_init_std": 0.6}}
-    )
+    # config fields of one backbone, over backbone_overrides, e.g. {"vilbert": {"box_init_std":
+    # 0.6}}: ViLBERT's box projection as loud as the feature's (diagnosis section 10)
+    kind_overrides: dict[str, dict] = field(default_factory=dict)
     backbones: tuple[str, ...] = BACKBONES
 
     def __post_init__(self):
