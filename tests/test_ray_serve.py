@@ -55,9 +55,15 @@ def through_ray(tiny_store, tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("ray")
     settings = make_settings(tiny_store[0], data_dir, port=_free_port())
     # One torch thread per replica, as `direct` runs (Ray's default for num_cpus=1, unless
-    # OMP_NUM_THREADS is set already in this environment).
-    one_thread = {"env_vars": {"OMP_NUM_THREADS": "1"}}
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=one_thread)
+    # OMP_NUM_THREADS is set already in this environment). Serve gives its proxy 5 s to
+    # come up before killing it; on 2 busy cores (a `make test` beside a training run) its
+    # imports took longer and the module errored at setup, so it gets 60 here.
+    slow_box = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60"}
+    monkeypatch = pytest.MonkeyPatch()
+    for name, value in slow_box.items():
+        monkeypatch.setenv(name, value)  # the controller reads it from the environment
+    env = {"env_vars": {"OMP_NUM_THREADS": "1", **slow_box}}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=env)
     try:
         url = start_ray(settings, ReplicaOptions(replicas=2, num_cpus=1))
         with httpx.Client(base_url=url, timeout=60) as client:
@@ -68,6 +74,7 @@ def through_ray(tiny_store, tmp_path_factory):
         if serve.status().applications:
             stop_ray()
         ray.shutdown()
+        monkeypatch.undo()
 
 
 def _same(direct, through_ray, method: str, path: str, **kwargs) -> dict:

@@ -98,6 +98,9 @@ class DemoRecipe:
     # kept back for each backbone's evaluation still to run: on the 2-core CPU the test
     # split takes 8.2 (ViLBERT) and 2.2-3.7 (LXMERT) minutes (docs/experiments/demo-cpu/)
     eval_minutes: dict[str, float] = field(default_factory=lambda: {"vilbert": 10, "lxmert": 5})
+    # kept back for the match calibration that ends each stage training "match" or "all"
+    # (after its box): on the 2-core CPU 3.5 (ViLBERT) and 0.5 (LXMERT) minutes (run 3)
+    calibrate_minutes: dict[str, float] = field(default_factory=lambda: {"vilbert": 4, "lxmert": 1})
     # what fine-tuning draws how often (service.training.mix.Mix fields; empty: uniform)
     finetune_mix: dict = field(default_factory=dict)
     batch_size: int = 32
@@ -113,8 +116,9 @@ class DemoRecipe:
 
     def __post_init__(self):
         Mix.parse(self.finetune_mix)  # a bad mix fails here, not after an hour of pretraining
-        if not isinstance(self.eval_minutes, dict):
-            raise ValueError('eval_minutes: minutes per backbone, e.g. {"vilbert": 10}')
+        for name in ("eval_minutes", "calibrate_minutes"):
+            if not isinstance(getattr(self, name), dict):
+                raise ValueError(f'{name}: minutes per backbone, e.g. {{"vilbert": 10}}')
         for kind, phases in self.finetune_phases.items():
             for phase in phases:
                 check_phase(kind, phase)
@@ -123,6 +127,14 @@ class DemoRecipe:
         """A backbone's training stages in order: "<kind>_pretrain", phases, "<kind>_finetune"."""
         phases = [p["name"] for p in self.finetune_phases.get(kind, [])]
         return [f"{kind}_{name}" for name in ("pretrain", *phases, "finetune")]
+
+    def calibrates(self, stage: str) -> bool:
+        """Whether a training stage ends with the match calibration (its task match or all)."""
+        kind, name = stage.split("_", 1)
+        if name in ("pretrain", "finetune"):
+            return name == "finetune"
+        phase = next(p for p in self.finetune_phases[kind] if p["name"] == name)
+        return phase["task"] in ("match", "all")
 
     def own_seconds(self, stage: str) -> float:
         """The recipe's own time box for a training stage (0: none)."""
@@ -170,8 +182,9 @@ def time_box(recipe: DemoRecipe, done: dict[str, dict], stage: str) -> float:
     """Seconds for a backbone's training stage (one of `DemoRecipe.stages`).
 
     Under a budget, the stage gets its share (`budget_shares`) of what is left: the budget
-    less the seconds of the stages done and `eval_minutes` for each evaluation still to
-    run, split over the training stages not yet done; at least MIN_TIME_BOX. The
+    less the seconds of the stages done, `eval_minutes` for each evaluation still to run
+    and `calibrate_minutes` for each calibration still to run (this stage's too: it runs
+    after the box), split over the training stages not yet done; at least MIN_TIME_BOX. The
     recipe's own box for the stage, when set, caps it. 0: no box (every step runs).
     """
     own = recipe.own_seconds(stage)
@@ -180,7 +193,10 @@ def time_box(recipe: DemoRecipe, done: dict[str, dict], stage: str) -> float:
     stages = [s for k in recipe.backbones for s in recipe.stages(k)]
     pending = [s for s in stages if s not in done]
     evals = sum(recipe.eval_minutes.get(k, 0) for k in recipe.backbones if f"{k}_eval" not in done)
-    left = recipe.budget_minutes * 60 - spent_seconds(done) - evals * 60
+    calibrations = sum(
+        recipe.calibrate_minutes.get(s.split("_", 1)[0], 0) for s in pending if recipe.calibrates(s)
+    )
+    left = recipe.budget_minutes * 60 - spent_seconds(done) - (evals + calibrations) * 60
     weights = {s: recipe.budget_shares.get(s, 1.0) for s in pending}
     share = weights[stage] / sum(weights.values()) if sum(weights.values()) > 0 else 0.0
     allotted = max(left * share, MIN_TIME_BOX)

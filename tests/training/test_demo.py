@@ -127,7 +127,8 @@ def test_time_boxes_share_what_the_budget_has_left():
         "vilbert_finetune",
     ]
     done = {k: {"seconds": v} for k, v in BEFORE_BACKBONES.items()}
-    left = 90 * 60 - 1320 - sum(recipe.eval_minutes.values()) * 60
+    kept = sum(recipe.eval_minutes.values()) + sum(recipe.calibrate_minutes.values())
+    left = 90 * 60 - 1320 - kept * 60
     assert time_box(recipe, done, "vilbert_pretrain") == pytest.approx(left * 2 / 12)
     done["vilbert_pretrain"] = {"seconds": 1000.0}  # it ran over its box: the rest shrink
     left -= 1000
@@ -143,12 +144,22 @@ def test_the_shipped_models_phases_each_draw_one_question_family():
     assert drawn == [["relation"], ["count"]]
 
 
-def test_stages_that_keep_to_their_boxes_end_the_chain_on_budget():
-    recipe = DemoRecipe(budget_minutes=60, eval_minutes={"vilbert": 4, "lxmert": 4})
+@pytest.mark.parametrize(
+    "phases", [{}, {"vilbert": [RELATIONS_PHASE, {**COUNTING_PHASE, "task": "all"}]}]
+)
+def test_stages_that_keep_to_their_boxes_end_the_chain_on_budget(phases):
+    recipe = DemoRecipe(
+        budget_minutes=60,
+        eval_minutes={"vilbert": 4, "lxmert": 4},
+        calibrate_minutes={"vilbert": 3, "lxmert": 1},
+        finetune_phases=phases,
+    )
     done = {k: {"seconds": v} for k, v in BEFORE_BACKBONES.items()}
     for kind in recipe.backbones:
         for stage in recipe.stages(kind):
-            done[stage] = {"seconds": time_box(recipe, done, stage)}
+            # the box, then the calibration of a stage that trains match or all
+            calibration = recipe.calibrate_minutes[kind] * 60 if recipe.calibrates(stage) else 0
+            done[stage] = {"seconds": time_box(recipe, done, stage) + calibration}
         done[f"{kind}_eval"] = {"seconds": 4 * 60.0}
     assert sum(v["seconds"] for v in done.values()) == pytest.approx(60 * 60)
 
