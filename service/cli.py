@@ -92,19 +92,22 @@ def _training_kwargs(args: argparse.Namespace) -> dict:
     )
 
 
-def _config_overrides(args: argparse.Namespace) -> dict | None:
-    """--config's JSON object of config overrides, or None when not given."""
-    if not args.config:
+def _json_object(text: str | None, flag: str, example: str) -> dict | None:
+    """A flag's JSON object, or None when the flag is not given."""
+    if not text:
         return None
     try:
-        overrides = json.loads(args.config)
+        value = json.loads(text)
     except ValueError as exc:
-        raise CliError(f"--config is not JSON: {exc}") from exc
-    if not isinstance(overrides, dict):
-        raise CliError(
-            f"--config must be a JSON object, e.g. '{{\"hidden_size\": 384}}', not {args.config}"
-        )
-    return overrides
+        raise CliError(f"{flag} is not JSON: {exc}") from exc
+    if not isinstance(value, dict):
+        raise CliError(f"{flag} must be a JSON object, e.g. '{example}', not {text}")
+    return value
+
+
+def _config_overrides(args: argparse.Namespace) -> dict | None:
+    """--config's JSON object of config overrides, or None when not given."""
+    return _json_object(args.config, "--config", '{"hidden_size": 384}')
 
 
 def _train_pretrain(args: argparse.Namespace) -> None:
@@ -115,10 +118,22 @@ def _train_pretrain(args: argparse.Namespace) -> None:
 
 
 def _train_calibrate(args: argparse.Namespace) -> None:
-    from service.training.calibrate import run_calibrate
+    from service.training.calibrate import check_weights, run_calibrate
 
+    weights = _json_object(args.weights, "--weights", '{"hard": 2}')
+    try:
+        check_weights(weights)
+    except ValueError as exc:
+        raise CliError(f"--weights: {exc}") from exc
     m = run_calibrate(
-        args.model, args.store, args.features, args.data, args.split, args.seed, args.device
+        args.model,
+        args.store,
+        args.features,
+        args.data,
+        args.split,
+        args.seed,
+        args.device,
+        weights=weights,
     )
     if m.match_calibration is None:
         print(f"{m.ref}: the alignment head alone does better on {args.split}; match uses it")
@@ -392,6 +407,12 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--store", default="model_store")
     cal.add_argument("--seed", type=int, default=0)
     cal.add_argument("--device", default="cpu")
+    cal.add_argument(
+        "--weights",
+        default=None,
+        help="the operating point: weights of the random, hard and partial accuracies the fit "
+        "maximises (JSON; absent ones 1), e.g. '{\"hard\": 2}' to reject more near-duplicates",
+    )
     cal.set_defaults(func=_train_calibrate)
     demo = train_sub.add_parser(
         "demo", help="the whole chain that makes the shipped models (resumable)"

@@ -45,3 +45,19 @@ def test_a_bad_config_is_refused_before_any_work(tmp_path, capsys, command, valu
     assert main(argv) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("{hard: 2}", "--weights is not JSON"),
+        ('{"strict": 2}', "unknown ['strict']"),
+        ('{"hard": -1}', "numbers >= 0"),
+        ('{"random": 0, "hard": 0, "partial": 0}', "not all 0"),
+    ],
+)
+def test_bad_calibration_weights_are_refused_before_any_work(tmp_path, capsys, value, message):
+    argv = ["train", "calibrate", "--model", "m", "--store", str(tmp_path / "store")]
+    assert main([*argv, "--weights", value]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "store").exists()

@@ -6,7 +6,12 @@ import pytest
 import torch
 
 from service.store import ModelStore
-from service.training.calibrate import fit_logistic, fit_match_calibration, run_calibrate
+from service.training.calibrate import (
+    EQUAL_WEIGHTS,
+    fit_logistic,
+    fit_match_calibration,
+    run_calibrate,
+)
 from service.training.evaluate import MatchPairs, run_eval, served_logits
 from tests.training.pretrain_support import write_tiny_split
 from tests.training.test_evaluate import _entry
@@ -100,6 +105,22 @@ def test_fit_checks_claims_where_the_vqa_head_tells_hard_negatives_apart():
     assert calibration.claims is None and accuracy["calibrated"] == accuracy["whole_text"]
 
 
+def test_the_weights_choose_the_operating_point_where_hard_and_partial_overlap():
+    """Hard negatives and partial captions score alike (head and cosine from one
+    distribution): no threshold both rejects the one and accepts the other. Weighing
+    hard pairs more rejects them (and partial captions with them); weighing partial
+    captions more accepts them (and the hard negatives with them)."""
+    n = 40
+    g = torch.Generator().manual_seed(4)
+    per_text = torch.tensor([[2.0, 0.6], [-3.0, 0.1], [1.0, 0.4], [1.0, 0.4]]).repeat(n, 1)
+    parts = per_text + 0.05 * torch.randn(4 * n, 2, generator=g)
+    _, strict = fit_match_calibration(parts, _pairs(n), weights={**EQUAL_WEIGHTS, "hard": 2})
+    _, lenient = fit_match_calibration(parts, _pairs(n), weights={**EQUAL_WEIGHTS, "partial": 2})
+    assert strict["calibrated"]["random"] == lenient["calibrated"]["random"] == 1.0
+    assert strict["calibrated"]["hard"] >= 0.9 and strict["calibrated"]["partial"] <= 0.1
+    assert lenient["calibrated"]["partial"] >= 0.9 and lenient["calibrated"]["hard"] <= 0.1
+
+
 def test_fit_is_written_to_the_manifest_and_is_what_eval_uses(tmp_path):
     """A model whose head calls every caption a match: 0% of pairs right. The calibration
     fitted on val adds the embeddings' cosine; evaluated on the same split with the
@@ -116,6 +137,7 @@ def test_fit_is_written_to_the_manifest_and_is_what_eval_uses(tmp_path):
     assert set(calibration) == {"head", "cosine", "bias", "by_sentence", "claims", "fitted_on"}
     fitted = calibration["fitted_on"]
     assert fitted["split"] == "val" and fitted["images"] == 24 and fitted["seed"] == 0
+    assert fitted["weights"] == EQUAL_WEIGHTS
     assert fitted["accuracy"]["head"] == {"random": 0.0, "hard": 0.0, "partial": 1.0}
     assert store.resolve(m.ref).match_calibration == calibration
     store.verify(updated)  # the weights are untouched
