@@ -120,9 +120,8 @@ def _train_pretrain(args: argparse.Namespace) -> None:
 def _train_calibrate(args: argparse.Namespace) -> None:
     from service.training.calibrate import check_weights, run_calibrate
 
-    weights = _json_object(args.weights, "--weights", '{"hard": 2}')
-    try:
-        check_weights(weights)
+    try:  # refused here, as a usage error, rather than as a traceback from the fit
+        weights = check_weights(_json_object(args.weights, "--weights", '{"hard": 2}'))
     except ValueError as exc:
         raise CliError(f"--weights: {exc}") from exc
     m = run_calibrate(

@@ -58,11 +58,10 @@ def through_ray(tiny_store, tmp_path_factory):
     # OMP_NUM_THREADS is set already in this environment). Serve gives its proxy 5 s to
     # come up before killing it; on 2 busy cores (a `make test` beside a training run) its
     # imports took longer and the module errored at setup, so it gets 60 here.
-    slow_box = {"RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60"}
+    proxy_wait = ("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
     monkeypatch = pytest.MonkeyPatch()
-    for name, value in slow_box.items():
-        monkeypatch.setenv(name, value)  # the controller reads it from the environment
-    env = {"env_vars": {"OMP_NUM_THREADS": "1", **slow_box}}
+    monkeypatch.setenv(*proxy_wait)  # the controller reads it from the environment
+    env = {"env_vars": {"OMP_NUM_THREADS": "1", proxy_wait[0]: proxy_wait[1]}}
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, runtime_env=env)
     try:
         url = start_ray(settings, ReplicaOptions(replicas=2, num_cpus=1))

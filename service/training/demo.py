@@ -128,21 +128,23 @@ class DemoRecipe:
         phases = [p["name"] for p in self.finetune_phases.get(kind, [])]
         return [f"{kind}_{name}" for name in ("pretrain", *phases, "finetune")]
 
+    def _phase(self, stage: str) -> dict:
+        kind, name = stage.split("_", 1)
+        return next(p for p in self.finetune_phases[kind] if p["name"] == name)
+
     def calibrates(self, stage: str) -> bool:
         """Whether a training stage ends with the match calibration (its task match or all)."""
-        kind, name = stage.split("_", 1)
+        name = stage.split("_", 1)[1]
         if name in ("pretrain", "finetune"):
             return name == "finetune"
-        phase = next(p for p in self.finetune_phases[kind] if p["name"] == name)
-        return phase["task"] in ("match", "all")
+        return self._phase(stage)["task"] in ("match", "all")
 
     def own_seconds(self, stage: str) -> float:
         """The recipe's own time box for a training stage (0: none)."""
         kind, name = stage.split("_", 1)
         if name in ("pretrain", "finetune"):
             return getattr(self, f"{name}_seconds").get(kind, 0)
-        phase = next(p for p in self.finetune_phases[kind] if p["name"] == name)
-        return phase.get("seconds", 0)
+        return self._phase(stage).get("seconds", 0)
 
     @classmethod
     def from_json(cls, path: str | Path, **overrides) -> DemoRecipe:
